@@ -1,0 +1,104 @@
+"""Device specs from the command line: `TYPE,key=value,...`.
+
+Parsing is strict and its errors name the fix, because a typo in a device
+spec is the most common way to start the server wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .devices.testdev import PciTestDevice
+from .errors import ConfigError
+from .pci.bus import MAX_SLOTS, PciBus
+from .pci.function import PciFunction, Presentation
+
+# Keys every device takes; device-specific keys are listed per type.
+COMMON_KEYS = frozenset({"slot", "name"})
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceType:
+    name: str
+    summary: str
+    keys: frozenset[str]
+    build: Callable[[Mapping[str, str], Presentation, int], PciFunction]
+
+
+def _build_testdev(options: Mapping[str, str], presentation: Presentation, serial: int) -> PciFunction:
+    return PciTestDevice(presentation, serial)
+
+
+DEVICE_TYPES: dict[str, DeviceType] = {
+    t.name: t
+    for t in (
+        DeviceType(
+            "pci-testdev",
+            "PCI test device: IO, 64-bit prefetchable and MSI-X BARs, ROM, doorbell interrupts",
+            frozenset(),
+            _build_testdev,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    type: str
+    name: str
+    slot: int | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_device_spec(text: str, index: int = 0) -> DeviceSpec:
+    """Parse `TYPE,key=value,...` (the --device flag)."""
+    parts = [p.strip() for p in text.split(",")]
+    type_name = parts[0]
+    if not type_name:
+        raise ConfigError(f"--device {text!r}: missing device type (one of {_types()})")
+    dtype = DEVICE_TYPES.get(type_name)
+    if dtype is None:
+        raise ConfigError(f"--device {text!r}: unknown device type {type_name!r}; use one of {_types()}")
+    options: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--device {text!r}: {part!r} is not key=value")
+        if key not in COMMON_KEYS | dtype.keys:
+            allowed = ", ".join(sorted(COMMON_KEYS | dtype.keys))
+            raise ConfigError(f"--device {text!r}: {type_name} has no option {key!r} (it takes {allowed})")
+        if key in options:
+            raise ConfigError(f"--device {text!r}: {key!r} given twice")
+        options[key] = value
+    slot: int | None = None
+    if "slot" in options:
+        raw = options.pop("slot")
+        try:
+            slot = int(raw, 0)
+        except ValueError:
+            raise ConfigError(f"--device {text!r}: slot={raw!r} is not a number") from None
+        if not 1 <= slot < MAX_SLOTS:
+            raise ConfigError(f"--device {text!r}: slot {slot} is not 1..{MAX_SLOTS - 1} (slot 0 is the host bridge's)")
+    name = options.pop("name", f"{type_name}{index}")
+    return DeviceSpec(type_name, name, slot, options)
+
+
+def build_bus(specs: Sequence[DeviceSpec], presentation: Presentation = Presentation()) -> PciBus:
+    """Build bus 0 with every device, presented as the frontend can take them."""
+    bus = PciBus()
+    names: set[str] = set()
+    # Devices with a fixed slot first, so automatic slots never take theirs.
+    for spec in sorted(specs, key=lambda s: s.slot is None):
+        if spec.name in names:
+            raise ConfigError(f"two devices are named {spec.name!r}; give one a name=...")
+        names.add(spec.name)
+        dtype = DEVICE_TYPES[spec.type]
+        function = dtype.build(spec.options, presentation, 0x5EED_0000 + len(names))
+        function.name = spec.name
+        bus.plug(function, spec.slot)
+    return bus
+
+
+def _types() -> str:
+    return ", ".join(sorted(DEVICE_TYPES))

@@ -1,0 +1,1 @@
+"""PCI and PCI Express configuration space, BARs and capabilities (no I/O)."""
