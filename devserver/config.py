@@ -26,7 +26,9 @@ class DeviceType:
     build: Callable[[Mapping[str, str], Presentation, int], PciFunction]
 
 
-def _build_testdev(options: Mapping[str, str], presentation: Presentation, serial: int) -> PciFunction:
+def _build_testdev(
+    options: Mapping[str, str], presentation: Presentation, serial: int
+) -> PciFunction:
     return PciTestDevice(presentation, serial)
 
 
@@ -46,12 +48,12 @@ DEVICE_TYPES: dict[str, DeviceType] = {
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
     type: str
-    name: str
+    name: str | None = None  # None: TYPE + a per-type counter
     slot: int | None = None
     options: Mapping[str, str] = field(default_factory=dict)
 
 
-def parse_device_spec(text: str, index: int = 0) -> DeviceSpec:
+def parse_device_spec(text: str) -> DeviceSpec:
     """Parse `TYPE,key=value,...` (the --device flag)."""
     parts = [p.strip() for p in text.split(",")]
     type_name = parts[0]
@@ -59,7 +61,9 @@ def parse_device_spec(text: str, index: int = 0) -> DeviceSpec:
         raise ConfigError(f"--device {text!r}: missing device type (one of {_types()})")
     dtype = DEVICE_TYPES.get(type_name)
     if dtype is None:
-        raise ConfigError(f"--device {text!r}: unknown device type {type_name!r}; use one of {_types()}")
+        raise ConfigError(
+            f"--device {text!r}: unknown device type {type_name!r}; use one of {_types()}"
+        )
     options: dict[str, str] = {}
     for part in parts[1:]:
         key, sep, value = part.partition("=")
@@ -67,7 +71,9 @@ def parse_device_spec(text: str, index: int = 0) -> DeviceSpec:
             raise ConfigError(f"--device {text!r}: {part!r} is not key=value")
         if key not in COMMON_KEYS | dtype.keys:
             allowed = ", ".join(sorted(COMMON_KEYS | dtype.keys))
-            raise ConfigError(f"--device {text!r}: {type_name} has no option {key!r} (it takes {allowed})")
+            raise ConfigError(
+                f"--device {text!r}: {type_name} has no option {key!r} (it takes {allowed})"
+            )
         if key in options:
             raise ConfigError(f"--device {text!r}: {key!r} given twice")
         options[key] = value
@@ -79,23 +85,38 @@ def parse_device_spec(text: str, index: int = 0) -> DeviceSpec:
         except ValueError:
             raise ConfigError(f"--device {text!r}: slot={raw!r} is not a number") from None
         if not 1 <= slot < MAX_SLOTS:
-            raise ConfigError(f"--device {text!r}: slot {slot} is not 1..{MAX_SLOTS - 1} (slot 0 is the host bridge's)")
-    name = options.pop("name", f"{type_name}{index}")
+            raise ConfigError(
+                f"--device {text!r}: slot {slot} is not 1..{MAX_SLOTS - 1} "
+                "(slot 0 is the host bridge's)"
+            )
+    name = options.pop("name", None)
+    if name is not None and not name:
+        raise ConfigError(f"--device {text!r}: name= is empty")
     return DeviceSpec(type_name, name, slot, options)
 
 
 def build_bus(specs: Sequence[DeviceSpec], presentation: Presentation = Presentation()) -> PciBus:
     """Build bus 0 with every device, presented as the frontend can take them."""
     bus = PciBus()
-    names: set[str] = set()
+    names: list[str] = []
+    counters: dict[str, int] = {}
+    for spec in specs:
+        if spec.name is None:
+            number = counters.get(spec.type, 0)
+            counters[spec.type] = number + 1
+            names.append(f"{spec.type}{number}")
+        else:
+            names.append(spec.name)
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two devices are named {name!r}; give one a name=...")
     # Devices with a fixed slot first, so automatic slots never take theirs.
-    for spec in sorted(specs, key=lambda s: s.slot is None):
-        if spec.name in names:
-            raise ConfigError(f"two devices are named {spec.name!r}; give one a name=...")
-        names.add(spec.name)
+    order = sorted(range(len(specs)), key=lambda i: specs[i].slot is None)
+    for i in order:
+        spec = specs[i]
         dtype = DEVICE_TYPES[spec.type]
-        function = dtype.build(spec.options, presentation, 0x5EED_0000 + len(names))
-        function.name = spec.name
+        function = dtype.build(spec.options, presentation, 0x5EED_0000 + i)
+        function.name = names[i]
         bus.plug(function, spec.slot)
     return bus
 

@@ -143,9 +143,7 @@ class PciBus:
             effects += self._move(key, function, new)
         return effects
 
-    def _move(
-        self, key: BarKey, function: PciFunction, new: AddressRange | None
-    ) -> list[Effect]:
+    def _move(self, key: BarKey, function: PciFunction, new: AddressRange | None) -> list[Effect]:
         effects: list[Effect] = []
         spec = function.bar_spec(key.bar)
         io = spec.kind is BarKind.IO

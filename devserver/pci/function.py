@@ -228,7 +228,7 @@ class PciFunction:
         msix = self.msix
         if msix is not None and msix.owns_config(offset, size):
             self._deliver_pending()
-        if offset < PCI_COMMAND + 2 and PCI_COMMAND < offset + size:
+        if offset < PCI_COMMAND + 2 and offset + size > PCI_COMMAND:
             self._update_intx()
         self.config_written(offset, size)
         return self.take_effects()
@@ -327,9 +327,7 @@ class PciFunction:
         asserted = self._intx_line and not self.command & PCI_COMMAND_INTX_DISABLE
         if asserted != self._intx_asserted:
             self._intx_asserted = asserted
-            self._effects.append(
-                IntxChanged(self.device_id, self.identity.interrupt_pin, asserted)
-            )
+            self._effects.append(IntxChanged(self.device_id, self.identity.interrupt_pin, asserted))
 
     def _deliver_pending(self) -> None:
         assert self.msix is not None

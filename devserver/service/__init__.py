@@ -1,0 +1,1 @@
+"""The gRPC shell around the core: the only devserver package importing grpc."""

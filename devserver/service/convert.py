@@ -1,0 +1,151 @@
+"""Core dataclasses <-> protobuf messages, in one place."""
+
+from __future__ import annotations
+
+from devmodel.v1 import devmodel_pb2 as pb
+
+from ..effects import (
+    AddressRange,
+    BarDecodeChanged,
+    BarKind,
+    DeviceNeedsReset,
+    Effect,
+    IntxChanged,
+    MsiRaised,
+    SharedMemory,
+)
+from ..pci.bus import PciBus
+from ..pci.regs import EXT_CONFIG_SPACE_SIZE
+
+_KIND_TO_PB = {
+    BarKind.IO: pb.BAR_KIND_IO,
+    BarKind.MEM32: pb.BAR_KIND_MEM32,
+    BarKind.MEM64: pb.BAR_KIND_MEM64,
+    BarKind.ROM: pb.BAR_KIND_ROM,
+}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+
+
+def kind_to_pb(kind: BarKind) -> int:
+    return int(_KIND_TO_PB[kind])
+
+
+def kind_from_pb(kind: int) -> BarKind:
+    return _KIND_FROM_PB[kind]  # type: ignore[index]
+
+
+def _range(r: AddressRange | None) -> pb.AddressRange | None:
+    return None if r is None else pb.AddressRange(base=r.base, size=r.size)
+
+
+def event_to_pb(effect: Effect) -> pb.Event:
+    match effect:
+        case BarDecodeChanged():
+            backing = effect.backing
+            return pb.Event(
+                bar_decode_changed=pb.BarDecodeChanged(
+                    device_id=effect.device_id,
+                    bar=effect.bar,
+                    kind=_KIND_TO_PB[effect.kind],
+                    prefetchable=effect.prefetchable,
+                    old_range=_range(effect.old),
+                    new_range=_range(effect.new),
+                    decoding=effect.decoding,
+                    backing=None
+                    if backing is None
+                    else pb.SharedMemoryBacking(
+                        path=backing.path, file_offset=backing.file_offset, size=backing.size
+                    ),
+                    generation=effect.generation,
+                )
+            )
+        case MsiRaised():
+            return pb.Event(
+                msi_raised=pb.MsiRaised(
+                    device_id=effect.device_id,
+                    vector=effect.vector,
+                    address=effect.address,
+                    data=effect.data,
+                )
+            )
+        case IntxChanged():
+            return pb.Event(
+                intx_level=pb.IntxLevel(
+                    device_id=effect.device_id, pin=effect.pin, asserted=effect.asserted
+                )
+            )
+        case DeviceNeedsReset():
+            return pb.Event(
+                device_needs_reset=pb.DeviceNeedsReset(
+                    device_id=effect.device_id, reason=effect.reason
+                )
+            )
+
+
+def event_from_pb(event: pb.Event) -> Effect | None:
+    """The core dataclass for an event (None for DMA requests, which are not effects)."""
+    which = event.WhichOneof("kind")
+    if which == "bar_decode_changed":
+        e = event.bar_decode_changed
+        return BarDecodeChanged(
+            device_id=e.device_id,
+            bar=e.bar,
+            kind=_KIND_FROM_PB[e.kind],
+            prefetchable=e.prefetchable,
+            old=AddressRange(e.old_range.base, e.old_range.size)
+            if e.HasField("old_range")
+            else None,
+            new=AddressRange(e.new_range.base, e.new_range.size)
+            if e.HasField("new_range")
+            else None,
+            backing=SharedMemory(e.backing.path, e.backing.file_offset, e.backing.size)
+            if e.HasField("backing")
+            else None,
+            generation=e.generation,
+        )
+    if which == "msi_raised":
+        m = event.msi_raised
+        return MsiRaised(m.device_id, m.vector, m.address, m.data)
+    if which == "intx_level":
+        i = event.intx_level
+        return IntxChanged(i.device_id, i.pin, i.asserted)
+    if which == "device_needs_reset":
+        r = event.device_needs_reset
+        return DeviceNeedsReset(r.device_id, r.reason)
+    return None
+
+
+def topology_to_pb(bus: PciBus) -> pb.Topology:
+    devices = []
+    for slot, function in bus:
+        ident = function.identity
+        devices.append(
+            pb.DeviceInfo(
+                device_id=function.device_id,
+                type=function.type_name,
+                name=function.name,
+                bus=bus.number,
+                device=slot,
+                function=0,
+                vendor_id=ident.vendor_id,
+                product_id=ident.device_id,
+                subsystem_vendor_id=ident.subsystem_vendor_id,
+                subsystem_id=ident.subsystem_id,
+                class_code=ident.class_code,
+                revision=ident.revision,
+                bars=[
+                    pb.BarInfo(
+                        index=spec.index,
+                        kind=_KIND_TO_PB[spec.kind],
+                        size=spec.size,
+                        prefetchable=spec.prefetchable,
+                        shared_memory=spec.backing is not None,
+                    )
+                    for spec in function.bars
+                ],
+                interrupt_pin=ident.interrupt_pin,
+                msix_vectors=function.msix.vectors if function.msix is not None else 0,
+                pci_express=True,
+            )
+        )
+    return pb.Topology(devices=devices, ecam_size=256 * 32 * 8 * EXT_CONFIG_SPACE_SIZE)
