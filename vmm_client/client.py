@@ -169,6 +169,12 @@ class AsyncSession:
             )
             first = await asyncio.wait_for(call.read(), timeout)
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise ClientError(
+                    f"cannot reach the device server ({e.details()}); "
+                    "is `python -m devserver` running and listening there?",
+                    e.code(),
+                ) from None
             raise ClientError(f"attach failed: {e.details()}", e.code()) from None
         if first is grpc.aio.EOF:
             code = await call.code()

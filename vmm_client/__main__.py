@@ -1,0 +1,111 @@
+"""`python -m vmm_client`: frontends of the device server.
+
+python -m vmm_client probe [--devserver ADDR]   enumerate and program the bus like a guest
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from devserver.service.server import default_socket_path
+
+from .client import ClientError, FrontendOptions, TlsClientFiles, open_channel
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--devserver",
+        metavar="ADDR",
+        default=f"unix:{default_socket_path()}",
+        help="device server address: unix:PATH or HOST:PORT (default: %(default)s)",
+    )
+    parser.add_argument("--tls-ca", type=Path, help="CA (PEM) the server certificate chains to")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mTLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key (PEM)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vmm_client", description="Frontends of the devmodel device server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    probe = sub.add_parser(
+        "probe",
+        help="enumerate, size, assign and enable every device like a guest kernel, "
+        "and print what it found",
+    )
+    _add_connection_flags(probe)
+    probe.add_argument(
+        "--move",
+        action="store_true",
+        help="also move each device's largest BAR while it decodes, and show the events",
+    )
+    return parser
+
+
+def _tls(args: argparse.Namespace) -> TlsClientFiles | None:
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise SystemExit("vmm_client: error: --tls-cert/--tls-key need --tls-ca")
+        return None
+    return TlsClientFiles(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+async def _probe(args: argparse.Namespace) -> int:
+    from devserver.effects import BarDecodeChanged, Effect
+
+    from .client import AsyncSession
+    from .probe import assign_and_enable, format_lspci, probe_bus
+    from .routing import RoutingTable
+
+    table = RoutingTable()
+
+    def on_event(effect: Effect) -> None:
+        if isinstance(effect, BarDecodeChanged):
+            table.apply(effect)
+            old = effect.old or "-"
+            new = effect.new or "-"
+            print(f"  event: device {effect.device_id} BAR{effect.bar} {old} -> {new}")
+
+    async with open_channel(args.devserver, _tls(args)) as channel:
+        session = await AsyncSession.attach(channel, FrontendOptions("vmm_client probe"), on_event)
+        print(f"attached to {session.welcome.server_name} as session {session.welcome.session_id}")
+        functions = await probe_bus(session)
+        print(f"found {len(functions)} device(s); assigning and enabling:")
+        await assign_and_enable(session, functions)
+        for function in functions:
+            print(format_lspci(function))
+        if args.move:
+            from devserver.effects import BarKind
+            from devserver.pci import regs
+
+            for f in functions:
+                mover = max((b for b in f.bars if b.kind is BarKind.MEM32), key=lambda b: b.size)
+                target = mover.address + 0x100_0000
+                print(f"moving {f.bus:02x}:{f.device:02x}.0 BAR{mover.index} to {target:#x}:")
+                register = regs.PCI_BASE_ADDRESS_0 + 4 * mover.index
+                await session.config_write(f.bus, f.device, 0, register, 4, target)
+        print(f"routing table ({len(table)} ranges):")
+        for (device_id, bar), where in sorted(table.ranges().items()):
+            print(f"  device {device_id} BAR{bar}: {where}")
+        await session.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "probe":
+            return asyncio.run(_probe(args))
+    except ClientError as e:
+        print(f"vmm_client: error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
