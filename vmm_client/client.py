@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+import uvloop
 
 from devmodel.v1 import devmodel_pb2 as pb
 from devmodel.v1 import devmodel_pb2_grpc
@@ -396,7 +397,7 @@ class SyncSession:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.timeout = timeout
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="devmodel-client", daemon=True
         )
