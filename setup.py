@@ -1,7 +1,8 @@
 """Build hook: generate the Python gRPC code from protos/ before packaging.
 
 The generated package `devmodel` (devmodel/v1/*_pb2*.py and .pyi stubs) is
-never committed; every build, editable or not, makes it from the .proto files.
+never committed. It is made here, before setup() looks for packages, so every
+build (wheel, sdist, editable) finds and ships it.
 """
 
 from __future__ import annotations
@@ -10,18 +11,11 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from protos.generate import generate  # noqa: E402
 
-
-class BuildWithProtos(build_py):
-    def run(self) -> None:
-        generate(ROOT)
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildWithProtos})
+generate(ROOT)
+setup()
