@@ -19,4 +19,4 @@ USER devmodel
 VOLUME ["/run/devmodel"]
 ENTRYPOINT ["python", "-m", "devserver"]
 CMD ["--listen", "unix:/run/devmodel/devserver.sock", "--device", "pci-testdev"]
-HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-m", "devserver.healthcheck", "unix:/run/devmodel/devserver.sock"]
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-m", "devserver.service.healthcheck", "unix:/run/devmodel/devserver.sock"]

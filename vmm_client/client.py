@@ -210,7 +210,14 @@ class AsyncSession:
         return reply.value
 
     async def config_write(
-        self, bus: int, device: int, function: int, offset: int, size: int, value: int
+        self,
+        bus: int,
+        device: int,
+        function: int,
+        offset: int,
+        size: int,
+        value: int,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> list[Effect]:
         """Write config space; returns the events it caused (already given to on_event)."""
         _, events = await self._request(
@@ -218,13 +225,17 @@ class AsyncSession:
                 config_write=pb.ConfigWrite(
                     bus=bus, device=device, function=function, offset=offset, size=size, value=value
                 )
-            )
+            ),
+            timeout,
         )
         return events
 
-    async def bar_read(self, device_id: int, bar: int, offset: int, size: int) -> int:
+    async def bar_read(
+        self, device_id: int, bar: int, offset: int, size: int, timeout: float = DEFAULT_TIMEOUT
+    ) -> int:
         reply, _ = await self._request(
-            pb.Request(bar_read=pb.BarRead(device_id=device_id, bar=bar, offset=offset, size=size))
+            pb.Request(bar_read=pb.BarRead(device_id=device_id, bar=bar, offset=offset, size=size)),
+            timeout,
         )
         return reply.value
 
@@ -240,9 +251,9 @@ class AsyncSession:
             )
         )
 
-    async def reset_device(self, device_id: int) -> list[Effect]:
+    async def reset_device(self, device_id: int, timeout: float = DEFAULT_TIMEOUT) -> list[Effect]:
         _, events = await self._request(
-            pb.Request(reset_device=pb.ResetDevice(device_id=device_id))
+            pb.Request(reset_device=pb.ResetDevice(device_id=device_id)), timeout
         )
         return events
 
@@ -270,6 +281,11 @@ class AsyncSession:
         except (TimeoutError, asyncio.CancelledError):
             self._reader.cancel()
         self._fail_waiting(self._closed)
+
+    @property
+    def closed(self) -> ClientError | None:
+        """None while the session works; else why it ended."""
+        return self._closed
 
     # -- internals
 

@@ -92,11 +92,14 @@ class PciTestDevice(PciFunction):
             return 0
         if bar not in (IO_BAR, MEM_BAR):
             return 0
-        # Registers are 32 bits wide; narrower reads see part of one.
-        register, shift = offset & ~3, 8 * (offset & 3)
-        return (self._read_register(register, bar) >> shift) | (
-            self._read_register(register + 4, bar) << (32 - shift) if size + (offset & 3) > 4 else 0
+        # Registers are 32 bits wide; a read sees the bytes of every register it
+        # covers (a misaligned qword can span three).
+        first = offset & ~3
+        block = b"".join(
+            self._read_register(register, bar).to_bytes(4, "little")
+            for register in range(first, offset + size, 4)
         )
+        return int.from_bytes(block[offset - first : offset - first + size], "little")
 
     def _read_register(self, register: int, bar: int) -> int:
         match register:

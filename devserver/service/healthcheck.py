@@ -1,4 +1,4 @@
-"""`python -m devserver.healthcheck ADDR`: exit 0 if the server reports SERVING.
+"""`python -m devserver.service.healthcheck ADDR`: exit 0 if the server reports SERVING.
 
 For container health checks where grpc_health_probe is not installed.
 """
@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m devserver.healthcheck unix:PATH|HOST:PORT", file=sys.stderr)
+        print("usage: python -m devserver.service.healthcheck unix:PATH|HOST:PORT", file=sys.stderr)
         return 2
     try:
         with grpc.insecure_channel(argv[0]) as channel:
