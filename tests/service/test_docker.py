@@ -79,7 +79,7 @@ async def test_healthcheck_command_reports_serving(server: DevServer) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "devserver.healthcheck",
+        "devserver.service.healthcheck",
         server.address,
         stdout=asyncio.subprocess.PIPE,
     )
