@@ -129,17 +129,22 @@ class PciBus:
     def _arbitrate(self, function: PciFunction) -> list[Effect]:
         """Bring the bus in line with `function`'s registers; return the changes."""
         wanted = function.decoded()
-        effects: list[Effect] = []
+        # Record every BAR's new range before moving any: one access can change
+        # several BARs (command, reset), and step 5 of the first move must not
+        # reactivate a sibling at a range its registers no longer program.
+        changed: list[tuple[BarKey, AddressRange | None]] = []
         for spec in function.bars:
             key = BarKey(function.device_id, spec.index)
-            old = self._programmed.get(key)
             new = wanted.get(spec.index)
-            if old == new:
+            if self._programmed.get(key) == new:
                 continue
             if new is None:
                 del self._programmed[key]
             else:
                 self._programmed[key] = new
+            changed.append((key, new))
+        effects: list[Effect] = []
+        for key, new in changed:
             effects += self._move(key, function, new)
         return effects
 
