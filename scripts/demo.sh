@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: start a device server with its devices, and drive it from a
-# frontend that enumerates, sizes, assigns and moves BARs like a guest kernel.
+# The main job: start a device server with its devices, then boot a Linux
+# guest under QEMU whose PCI devices are all served by it (through the
+# vfio-user bridge), and print what the guest sees of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,4 +14,4 @@ sock="unix:$run/devserver.sock"
     --device pci-testdev --device pci-testdev,slot=4,name=second &
 server=$!
 for _ in $(seq 100); do [ -S "$run/devserver.sock" ] && break; sleep 0.1; done
-.venv/bin/python -m vmm_client probe --devserver "$sock" --move
+.venv/bin/python -m vmm_client qemu --devserver "$sock"

@@ -27,3 +27,14 @@ fi
 if [ ! -f devmodel/v1/devmodel_pb2.py ] || [ -n "$(find protos -name '*.proto' -newer devmodel/v1/devmodel_pb2.py)" ]; then
     .venv/bin/python -m protos.generate
 fi
+
+# QEMU >= 10.1 (trixie-backports, in a debootstrap tree) and the guest image
+# (Debian's kernel and a busybox initramfs), both cached under
+# ${XDG_CACHE_HOME:-~/.cache}/devmodel. Installing QEMU needs root once;
+# without it, the guest tests skip and say why.
+if [ "$(id -u)" = 0 ] || .venv/bin/python -c 'import sys; from vmm_client.qemu.provision import load_tree; sys.exit(load_tree() is None)'; then
+    .venv/bin/python -m vmm_client.qemu provision
+    .venv/bin/python -m vmm_client.guest build
+else
+    echo "setup: not root and no QEMU tree cached: skipping QEMU and the guest image (run once as root)" >&2
+fi

@@ -44,7 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also move each device's largest BAR while it decodes, and show the events",
     )
+    qemu = sub.add_parser(
+        "qemu",
+        help="boot a Linux guest under QEMU (TCG) whose PCI devices are all served by the "
+        "device server, through the vfio-user bridge",
+    )
+    _add_connection_flags(qemu)
+    qemu.add_argument(
+        "--script",
+        help="shell script to run in the guest (default: show the served devices with lspci -vv)",
+    )
+    qemu.add_argument("--timeout", type=float, default=180.0, help="seconds (default: %(default)s)")
+    qemu.add_argument("-m", "--memory", type=int, default=512, metavar="MiB", help="guest RAM")
+    qemu.add_argument("--append", default="", help="extra kernel command line")
     return parser
+
+
+DEFAULT_GUEST_SCRIPT = """\
+echo "== PCI devices the guest sees (ours sit behind QEMU's pcie-root-ports)"
+lspci -nn
+for dev in /sys/bus/pci/devices/*; do
+    case "$(cat "$dev/vendor")" in 0x8086|0x1b36) continue ;; esac
+    lspci -vv -nn -s "${dev##*/}" 2>/dev/null
+done
+"""
 
 
 def _tls(args: argparse.Namespace) -> TlsClientFiles | None:
@@ -96,12 +119,42 @@ async def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _qemu(args: argparse.Namespace) -> int:
+    from .qemu.frontend import boot_served_guest
+
+    print(f"booting a Linux guest under QEMU with the devices of {args.devserver} ...", flush=True)
+    result = await boot_served_guest(
+        args.devserver,
+        args.script if args.script is not None else DEFAULT_GUEST_SCRIPT,
+        tls=_tls(args),
+        timeout=args.timeout,
+        extra_append=args.append,
+        memory_mb=args.memory,
+    )
+    print(result.output, end="")
+    print(
+        f"guest exited with status {result.exit_status} "
+        f"(script started {result.boot_seconds:.1f} s after QEMU, "
+        f"QEMU ran {result.total_seconds:.1f} s)"
+    )
+    for error in result.init_errors:
+        print(f"guest /init: {error}", file=sys.stderr)
+    return result.exit_status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "probe":
             return asyncio.run(_probe(args))
+        if args.command == "qemu":
+            import uvloop
+
+            return uvloop.run(_qemu(args))
     except ClientError as e:
+        print(f"vmm_client: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # QEMU or guest image problems (GuestError, HostError)
         print(f"vmm_client: error: {e}", file=sys.stderr)
         return 1
     return 2

@@ -44,7 +44,6 @@ def test_lspci_and_uname(guest: tuple[QemuTree, GuestImage]) -> None:
     assert any("[8086:2918]" in line for line in lines), r.output
     assert lines[-1] == image.kernel_version
     assert r.init_errors == (), r.console
-    assert r.boot_seconds < 60
 
 
 def test_exit_status_stderr_long_scripts_and_files(

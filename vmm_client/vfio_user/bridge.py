@@ -1405,20 +1405,31 @@ class VfioUserBridge:
 
     # -- QEMU command line
 
-    def qemu_args(self, *, msg_timeout_ms: int | None = None) -> list[str]:
+    def qemu_args(self, *, msg_timeout_ms: int | None = None, root_ports: bool = True) -> list[str]:
         """`-device` arguments for QEMU, one vfio-user-pci per device.
 
+        With `root_ports` each device sits behind its own pcie-root-port, so
+        the guest sees it as the PCI Express endpoint the server presents (on
+        pcie.0 QEMU would show it as a root-complex integrated endpoint).
         Guest RAM should be shareable (`-object memory-backend-memfd,id=mem,
         size=...,share=on -machine q35,memory-backend=mem`) so DMA_MAP brings
         fds; see qemu-vfio-user.md.
         """
-        args = []
-        for device in self.devices.values():
+        args: list[str] = []
+        for number, device in enumerate(self.devices.values(), start=1):
+            port = f"devmodel-rp{number}"
+            if root_ports:
+                args += [
+                    "-device",
+                    f"pcie-root-port,id={port},bus=pcie.0,chassis={number},slot={number}",
+                ]
             spec: dict[str, object] = {
                 "driver": "vfio-user-pci",
                 "id": f"vfu-{device.name}" if _SAFE_NAME.fullmatch(device.name) else None,
                 "socket": {"type": "unix", "path": os.fspath(device.socket_path)},
             }
+            if root_ports:
+                spec["bus"] = port
             if spec["id"] is None:
                 del spec["id"]
             if msg_timeout_ms is not None:

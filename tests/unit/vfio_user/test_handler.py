@@ -674,10 +674,17 @@ def test_socket_names_and_qemu_args() -> None:
     bridge = VfioUserBridge(Path("/run/vfu"))
     info = make_info(2)
     bridge.devices[2] = Device(info, device_layout(info), Path("/run/vfu/dev2.sock"))
-    assert bridge.qemu_args(msg_timeout_ms=10000) == [
+    assert bridge.qemu_args(msg_timeout_ms=10000, root_ports=False) == [
         "-device",
         '{"driver":"vfio-user-pci","id":"vfu-dev2",'
         '"socket":{"type":"unix","path":"/run/vfu/dev2.sock"},"x-msg-timeout":10000}',
+    ]
+    assert bridge.qemu_args() == [
+        "-device",
+        "pcie-root-port,id=devmodel-rp1,bus=pcie.0,chassis=1,slot=1",
+        "-device",
+        '{"driver":"vfio-user-pci","id":"vfu-dev2",'
+        '"socket":{"type":"unix","path":"/run/vfu/dev2.sock"},"bus":"devmodel-rp1"}',
     ]
 
 

@@ -1,0 +1,65 @@
+"""Boot a Linux guest under QEMU whose PCI devices are all served by a device server.
+
+QEMU's vfio-user client talks to our bridge, the bridge forwards every access
+over one gRPC stream to the device server: the guest's own PCI core and
+drivers drive our device models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..client import TlsClientFiles
+from ..vfio_user.bridge import open_bridge
+from .launch import GuestResult, run_in_guest
+
+
+async def boot_served_guest(
+    devserver: str,
+    script: str | None,
+    *,
+    tls: TlsClientFiles | None = None,
+    timeout: float = 180.0,
+    extra_qemu_args: Sequence[str] = (),
+    extra_append: str = "",
+    memory_mb: int = 512,
+    on_output: Callable[[str], None] | None = None,
+) -> GuestResult:
+    """Bridge every device of `devserver` into a QEMU guest and run `script` there.
+
+    With `script` None the guest prints `lspci -nn` and powers off.
+    """
+    with tempfile.TemporaryDirectory(prefix="devmodel-vfu-") as directory:
+        async with open_bridge(devserver, Path(directory), tls=tls, name="qemu") as bridge:
+            args = [*bridge.qemu_args(), *extra_qemu_args]
+            # QEMU runs in a thread: the bridge must keep answering on this loop.
+            return await asyncio.to_thread(
+                _run,
+                script,
+                args,
+                timeout,
+                extra_append,
+                memory_mb,
+                on_output,
+            )
+
+
+def _run(
+    script: str | None,
+    args: list[str],
+    timeout: float,
+    extra_append: str,
+    memory_mb: int,
+    on_output: Callable[[str], None] | None,
+) -> GuestResult:
+    return run_in_guest(
+        script if script is not None else "lspci -nn",
+        args,
+        timeout=timeout,
+        extra_append=extra_append,
+        memory_mb=memory_mb,
+        on_output=on_output,
+    )
