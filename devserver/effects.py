@@ -94,4 +94,21 @@ class DeviceNeedsReset:
     reason: str
 
 
-Effect = BarDecodeChanged | MsiRaised | IntxChanged | DeviceNeedsReset
+@dataclass(frozen=True, slots=True)
+class DmaRequested:
+    """A bus-mastering function wants guest memory read or written.
+
+    The shell carries it out (from shared RAM, or by asking the frontend) and
+    hands the outcome back with `PciFunction.dma_completed(token, ...)`; the
+    function never waits for it. `data` is what to write (empty for reads).
+    """
+
+    device_id: int
+    token: int
+    address: int
+    length: int
+    write: bool
+    data: bytes = b""
+
+
+Effect = BarDecodeChanged | MsiRaised | IntxChanged | DeviceNeedsReset | DmaRequested

@@ -12,6 +12,7 @@ CORE = [
     *sorted((ROOT / "devserver" / "pci").glob("*.py")),
     *sorted((ROOT / "devserver" / "devices").rglob("*.py")),
     ROOT / "devserver" / "effects.py",
+    ROOT / "devserver" / "memory.py",
     ROOT / "devserver" / "errors.py",
     ROOT / "devserver" / "config.py",
     ROOT / "vmm_client" / "addressing.py",

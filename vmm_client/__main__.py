@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     qemu.add_argument("--timeout", type=float, default=180.0, help="seconds (default: %(default)s)")
     qemu.add_argument("-m", "--memory", type=int, default=512, metavar="MiB", help="guest RAM")
     qemu.add_argument("--append", default="", help="extra kernel command line")
+    qemu.add_argument(
+        "--memory-mode",
+        choices=("auto", "shared", "messages"),
+        default="auto",
+        help="how device DMA reaches guest RAM (see python -m vmm_client.vfio_user --help; "
+        "default: %(default)s)",
+    )
     return parser
 
 
@@ -130,6 +137,7 @@ async def _qemu(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         extra_append=args.append,
         memory_mb=args.memory,
+        memory_mode=args.memory_mode,
     )
     print(result.output, end="")
     print(

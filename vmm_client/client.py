@@ -33,7 +33,7 @@ import uvloop
 
 from devmodel.v1 import devmodel_pb2 as pb
 from devmodel.v1 import devmodel_pb2_grpc
-from devserver.effects import Effect
+from devserver.effects import AddressRange, Effect
 from devserver.service.convert import event_from_pb
 from devserver.service.protocol import MAX_MESSAGE_BYTES, PROTOCOL_MAJOR, PROTOCOL_MINOR
 
@@ -69,6 +69,16 @@ class MemoryRegion:
     read_only: bool = False
 
 
+def region_to_pb(region: MemoryRegion) -> pb.MemoryRegion:
+    return pb.MemoryRegion(
+        guest_address=region.guest_address,
+        size=region.size,
+        path=region.path,
+        file_offset=region.file_offset,
+        read_only=region.read_only,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class FrontendOptions:
     name: str = "vmm_client"
@@ -89,16 +99,7 @@ class FrontendOptions:
             ),
             memory=pb.GuestMemoryAccess(
                 mode=self.memory_mode,  # type: ignore[arg-type]
-                regions=[
-                    pb.MemoryRegion(
-                        guest_address=r.guest_address,
-                        size=r.size,
-                        path=r.path,
-                        file_offset=r.file_offset,
-                        read_only=r.read_only,
-                    )
-                    for r in self.regions
-                ],
+                regions=[region_to_pb(r) for r in self.regions],
             ),
             frontend_name=self.name,
         )
@@ -257,7 +258,29 @@ class AsyncSession:
         )
         return events
 
+    async def memory_map_update(
+        self,
+        add: Sequence[MemoryRegion] = (),
+        remove: Sequence[AddressRange] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Tell the server guest RAM changed (protocol 1.1); returns once it uses the new map.
+
+        Removals apply before additions. In MEMORY_MODE_SHARED each added region
+        needs a `path` the server can open (a memfd as /proc/PID/fd/N).
+        """
+        await self._request(
+            pb.Request(
+                memory_map_update=pb.MemoryMapUpdate(
+                    add=[region_to_pb(r) for r in add],
+                    remove=[pb.AddressRange(base=r.base, size=r.size) for r in remove],
+                )
+            ),
+            timeout,
+        )
+
     def dma_reply(self, request_id: int, data: bytes = b"", error: str = "") -> None:
+        """Answer a DmaRequest event (on_dma): `data` for a read, `error` if it failed."""
         self._send(
             pb.Request(
                 dma_reply=pb.DmaReply(request_id=request_id, ok=not error, data=data, error=error)
@@ -459,6 +482,11 @@ class SyncSession:
 
     def reset_device(self, device_id: int) -> list[Effect]:
         return self._run(self._session.reset_device(device_id))
+
+    def memory_map_update(
+        self, add: Sequence[MemoryRegion] = (), remove: Sequence[AddressRange] = ()
+    ) -> None:
+        self._run(self._session.memory_map_update(add, remove))
 
     def topology_now(self) -> pb.Topology:
         assert self._channel is not None

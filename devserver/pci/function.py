@@ -4,6 +4,13 @@ Device models subclass `PciFunction` and implement `read_bar`/`write_bar`
 with BAR-relative offsets (they never see where a BAR is mapped), `on_reset`,
 and raise interrupts with `signal`. Every entry point returns the effects it
 caused; BAR decode changes are computed by the bus, which sees every function.
+
+DMA is sans-I/O too: `request_dma_read`/`request_dma_write` return a token
+and queue a `DmaRequested` effect; the shell performs it (shared RAM, or a
+round trip to the frontend) and calls `dma_completed(token, data, error)`,
+which runs the device's `on_dma_completed` hook and returns what that caused.
+A function may master the bus only with Bus Master Enable set (PCI Local Bus
+3.0, 6.2.2, command register bit 2), so a request without it is refused here.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..effects import AddressRange, BarKind, Effect, IntxChanged, MsiRaised
+from ..effects import AddressRange, BarKind, DmaRequested, Effect, IntxChanged, MsiRaised
 from ..errors import AccessError, ConfigError
 from .bars import BarRegisters, BarSpec
 from .capabilities import (
@@ -46,6 +53,14 @@ from .regs import (
 
 CONFIG_ACCESS_SIZES = (1, 2, 4)
 BAR_ACCESS_SIZES = (1, 2, 4, 8)
+_ADDRESS_SPACE = 1 << 64
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingDma:
+    address: int
+    length: int
+    write: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +138,8 @@ class PciFunction:
         self._effects: list[Effect] = []
         self._intx_line = False  # what the device drives
         self._intx_asserted = False  # what the frontend was last told
+        self._dma_pending: dict[int, _PendingDma] = {}
+        self._next_dma_token = 1
 
         if not presentation.bar64:
             bars = [_as_32bit(spec) for spec in bars]
@@ -168,6 +185,10 @@ class PciFunction:
     def on_reset(self) -> None:
         """Return device state to power-on; called after config space is reset."""
 
+    def on_dma_completed(self, token: int, data: bytes | None, error: str | None) -> None:
+        """A DMA this function requested finished: `error` None means it worked, and
+        for a read `data` holds exactly the bytes asked for."""
+
     # -- helpers for device models
 
     def signal(self, vector: int) -> None:
@@ -195,6 +216,50 @@ class PciFunction:
     @property
     def bus_master(self) -> bool:
         return bool(self.cs.get(PCI_COMMAND, 2) & PCI_COMMAND_MASTER)
+
+    def request_dma_read(self, address: int, length: int) -> int | None:
+        """Ask for guest memory [address, address + length); the bytes come to
+        `on_dma_completed` with the returned token. None: refused at once (Bus
+        Master Enable is off, or the range is empty or wraps past 2^64)."""
+        return self._request_dma(address, length, write=False, data=b"")
+
+    def request_dma_write(self, address: int, data: bytes) -> int | None:
+        """Ask for `data` to be written to guest memory at `address` (see request_dma_read)."""
+        return self._request_dma(address, len(data), write=True, data=bytes(data))
+
+    def _request_dma(self, address: int, length: int, *, write: bool, data: bytes) -> int | None:
+        if not self.bus_master:
+            return None
+        # A request's end is checked against 2^64 here, so no shell ever sees a wrap.
+        if length <= 0 or not 0 <= address < _ADDRESS_SPACE or length > _ADDRESS_SPACE - address:
+            return None
+        token = self._next_dma_token
+        self._next_dma_token += 1
+        self._dma_pending[token] = _PendingDma(address, length, write)
+        self._effects.append(DmaRequested(self.device_id, token, address, length, write, data))
+        return token
+
+    def dma_completed(self, token: int, data: bytes | None, error: str | None) -> list[Effect]:
+        """The shell's answer to a DmaRequested effect; returns what finishing it caused.
+
+        A token this function no longer knows (a reset forgot it) is dropped, as
+        a function drops completions for requests issued before its reset. A
+        read that brought back the wrong number of bytes completes with an error.
+        """
+        pending = self._dma_pending.pop(token, None)
+        if pending is None:
+            return []
+        if error is None and not pending.write and (data is None or len(data) != pending.length):
+            got = "nothing" if data is None else f"{len(data)} bytes"
+            error = f"a DMA read of {pending.length} bytes returned {got}"
+        if error is not None or pending.write:
+            data = None
+        self.on_dma_completed(token, data, error)
+        return self.take_effects()
+
+    @property
+    def dma_outstanding(self) -> int:
+        return len(self._dma_pending)
 
     def take_effects(self) -> list[Effect]:
         effects, self._effects = self._effects, []
@@ -293,6 +358,7 @@ class PciFunction:
     def reset(self) -> list[Effect]:
         """Function-level reset: config space and device state back to power-on."""
         self.cs.set_bytes(0, self._power_on)
+        self._dma_pending.clear()  # completions of earlier requests are dropped
         if self.msix is not None:
             self.msix.reset()
         self.on_reset()

@@ -9,11 +9,13 @@ from ..effects import (
     BarDecodeChanged,
     BarKind,
     DeviceNeedsReset,
+    DmaRequested,
     Effect,
     IntxChanged,
     MsiRaised,
     SharedMemory,
 )
+from ..memory import MemoryRegion
 from ..pci.bus import PciBus
 from ..pci.regs import EXT_CONFIG_SPACE_SIZE
 
@@ -38,7 +40,8 @@ def _range(r: AddressRange | None) -> pb.AddressRange | None:
     return None if r is None else pb.AddressRange(base=r.base, size=r.size)
 
 
-def event_to_pb(effect: Effect) -> pb.Event:
+def event_to_pb(effect: Effect, request_id: int | None = None) -> pb.Event:
+    """The event for an effect; a DmaRequested carries `request_id` (default: its token)."""
     match effect:
         case BarDecodeChanged():
             backing = effect.backing
@@ -80,6 +83,17 @@ def event_to_pb(effect: Effect) -> pb.Event:
                     device_id=effect.device_id, reason=effect.reason
                 )
             )
+        case DmaRequested():
+            return pb.Event(
+                dma_request=pb.DmaRequest(
+                    request_id=effect.token if request_id is None else request_id,
+                    device_id=effect.device_id,
+                    address=effect.address,
+                    length=effect.length,
+                    write=effect.write,
+                    data=effect.data,
+                )
+            )
 
 
 def event_from_pb(event: pb.Event) -> Effect | None:
@@ -113,6 +127,16 @@ def event_from_pb(event: pb.Event) -> Effect | None:
         r = event.device_needs_reset
         return DeviceNeedsReset(r.device_id, r.reason)
     return None
+
+
+def region_from_pb(region: pb.MemoryRegion) -> MemoryRegion:
+    return MemoryRegion(
+        guest_address=region.guest_address,
+        size=region.size,
+        path=region.path,
+        file_offset=region.file_offset,
+        read_only=region.read_only,
+    )
 
 
 def topology_to_pb(bus: PciBus) -> pb.Topology:

@@ -5,16 +5,30 @@ ends. Each FrontendMessage is handled to the end before the next is read, and
 everything it produced (events first, then the replies they precede) goes out
 as one ServerMessage. A request no PCI bus could carry ends the stream with
 INVALID_ARGUMENT naming the request; the server and its other streams go on.
+
+DMA: a device's DmaRequested effect is carried out here, by memory mode
+(Hello.memory.mode):
+  SHARED        at once, against the frontend's RAM files mapped by
+                SharedGuestMemory, and completed before anything else the
+                same request caused goes out;
+  DMA_MESSAGES  as a DmaRequest event; the frontend's DmaReply (any time
+                later, matched by request_id) completes it. Nothing waits for
+                the reply: the vCPU may be blocked on a read that must be
+                answered meanwhile (qemu-vfio-user.md §4, caveat 3). At most
+                MAX_DMA_OUTSTANDING are owed; a session's end fails them;
+  NONE          completed at once with an error.
+An address outside guest RAM completes the transfer with an error, which the
+device turns into its error status; it never ends the stream. The frontend's
+map may change after Hello (MemoryMapUpdate), validated like Hello's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -22,18 +36,29 @@ from devmodel.v1 import devmodel_pb2 as pb
 from devmodel.v1 import devmodel_pb2_grpc
 
 from ..config import DeviceSpec, build_bus
-from ..effects import BarDecodeChanged, Effect, IntxChanged, MsiRaised
-from ..errors import AccessError, ConfigError
+from ..effects import AddressRange, BarDecodeChanged, DmaRequested, Effect, IntxChanged, MsiRaised
+from ..errors import AccessError, ConfigError, MemoryMapError
+from ..memory import MAX_REGIONS, MemoryTable, perform_dma
 from ..pci.bus import PciBus
 from ..pci.function import Presentation
-from .convert import event_to_pb, topology_to_pb
-from .protocol import FEATURES, PROTOCOL_MAJOR, PROTOCOL_MINOR
+from .convert import event_to_pb, region_from_pb, topology_to_pb
+from .guest_memory import SharedGuestMemory
+from .protocol import (
+    FEATURES,
+    MAX_DMA_BYTES,
+    MAX_DMA_OUTSTANDING,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+)
 from .stats import ServerCounters
 
 log = logging.getLogger(__name__)
 
-_U64 = 1 << 64
-_MAX_REGIONS = 64
+# DMA a single request may set off in SHARED mode, where each completion runs
+# at once and may start another transfer: a device model that chains forever
+# is cut off here (and logged) instead of spinning the event loop.
+_MAX_DMA_PER_REQUEST = 256
+_MODES = (pb.MEMORY_MODE_SHARED, pb.MEMORY_MODE_DMA_MESSAGES, pb.MEMORY_MODE_NONE)
 
 
 class RequestError(Exception):
@@ -45,52 +70,55 @@ class RequestError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class PendingDma:
+    """A DmaRequest event the frontend has not answered yet."""
+
+    device_id: int
+    token: int
+    length: int
+    write: bool
+
+
 @dataclass(slots=True)
 class Session:
     session_id: int
     frontend_name: str
     bus: PciBus
-    memory: pb.GuestMemoryAccess
+    mode: int  # pb.MemoryMode
+    memory: SharedGuestMemory | MemoryTable
+    dma_pending: dict[int, PendingDma] = field(default_factory=dict)
+    next_dma_id: int = 1
 
 
-def validate_memory(memory: pb.GuestMemoryAccess) -> None:
-    """The frontend's memory table is input like any other (reliability.md C12)."""
+def _map_error(error: MemoryMapError, prefix: str = "") -> RequestError:
+    code = (
+        grpc.StatusCode.FAILED_PRECONDITION
+        if error.unreachable
+        else grpc.StatusCode.INVALID_ARGUMENT
+    )
+    return RequestError(code, f"{prefix}{error}")
+
+
+def open_memory(memory: pb.GuestMemoryAccess) -> SharedGuestMemory | MemoryTable:
+    """The session's guest memory from Hello.memory, validated like any input
+    (reliability.md C12); in SHARED mode every region is mapped."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if memory.mode == pb.MEMORY_MODE_UNSPECIFIED:
         raise RequestError(bad, "Hello.memory.mode is unset: choose SHARED, DMA_MESSAGES or NONE")
-    if len(memory.regions) > _MAX_REGIONS:
+    if memory.mode not in _MODES:
+        raise RequestError(bad, f"Hello.memory.mode {memory.mode} is not a MemoryMode")
+    if len(memory.regions) > MAX_REGIONS:
         raise RequestError(
-            bad, f"Hello.memory has {len(memory.regions)} regions; at most {_MAX_REGIONS}"
+            bad, f"Hello.memory has {len(memory.regions)} regions; at most {MAX_REGIONS}"
         )
-    spans = []
-    for i, region in enumerate(memory.regions):
-        where = f"Hello.memory.regions[{i}]"
-        if region.size == 0:
-            raise RequestError(bad, f"{where} has size 0")
-        if region.guest_address + region.size > _U64:
-            raise RequestError(bad, f"{where} wraps past the top of the 64-bit address space")
-        if memory.mode == pb.MEMORY_MODE_SHARED:
-            if not region.path:
-                raise RequestError(bad, f"{where}: shared memory needs a path the server can map")
-            try:
-                file_size = os.stat(region.path).st_size
-            except OSError as e:
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{where}: cannot open {region.path!r} ({e.strerror}); "
-                    "is the server on this host and allowed to read it?",
-                ) from None
-            if region.file_offset + region.size > file_size:
-                raise RequestError(
-                    bad,
-                    f"{where}: offset {region.file_offset:#x} + size {region.size:#x} is past "
-                    f"the end of {region.path!r} ({file_size:#x} bytes)",
-                )
-        spans.append((region.guest_address, region.guest_address + region.size, i))
-    spans.sort()
-    for (_, end, i), (start, _, j) in itertools.pairwise(spans):
-        if start < end:
-            raise RequestError(bad, f"Hello.memory.regions[{i}] and [{j}] overlap")
+    table = SharedGuestMemory() if memory.mode == pb.MEMORY_MODE_SHARED else MemoryTable()
+    try:
+        table.update([region_from_pb(r) for r in memory.regions], add_name="Hello.memory.regions")
+    except MemoryMapError as e:
+        table.close()
+        raise _map_error(e) from None
+    return table
 
 
 class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
@@ -124,6 +152,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             server_messages=c.server_messages,
             events=c.events,
             rejected_requests=c.rejected_requests,
+            memory_map_updates=c.memory_map_updates,
             devices=[
                 pb.DeviceStats(
                     device_id=device_id,
@@ -135,6 +164,8 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                     msis=d.msis,
                     intx_changes=d.intx_changes,
                     resets=d.resets,
+                    dma_requests=d.dma_requests,
+                    dma_errors=d.dma_errors,
                 )
                 for device_id, d in sorted(c.devices.items())
             ],
@@ -175,6 +206,17 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             if session is not None and self._session is session:
                 log.info("session %d (%s) detached", session.session_id, session.frontend_name)
                 self._session = None
+                self._end(session)
+
+    def _end(self, session: Session) -> None:
+        """Fail the DMA the frontend still owes, and let go of its memory."""
+        pending, session.dma_pending = session.dma_pending, {}
+        for dma in pending.values():
+            self.counters.devices[dma.device_id].dma_errors += 1
+            session.bus.function(dma.device_id).dma_completed(
+                dma.token, None, "the frontend's session ended"
+            )
+        session.memory.close()
 
     def _open(self, first: pb.FrontendMessage) -> tuple[Session, int]:
         self.counters.frontend_messages += 1
@@ -198,15 +240,22 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 f"the server is busy: session {current.session_id} ({current.frontend_name!r}) "
                 "is attached; only one frontend at a time owns the devices",
             )
-        validate_memory(hello.memory)
+        memory = open_memory(hello.memory)
         caps = hello.capabilities
         try:
             bus = build_bus(self._specs, Presentation(msix=caps.msi, bar64=caps.bar64))
         except ConfigError as e:
+            memory.close()
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cannot present the devices: {e}"
             ) from None
-        session = Session(self._next_session, hello.frontend_name or "unnamed", bus, hello.memory)
+        session = Session(
+            self._next_session,
+            hello.frontend_name or "unnamed",
+            bus,
+            hello.memory.mode,
+            memory,
+        )
         self._next_session += 1
         self._session = session
         self.counters.sessions_total += 1
@@ -245,6 +294,8 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             self.counters.requests += 1
             try:
                 self._serve_request(session, request, items)
+            except MemoryMapError as e:
+                raise _map_error(e, f"request seq={request.seq}: ") from None
             except AccessError as e:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"request seq={request.seq}: {e}"
@@ -266,7 +317,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             b = request.bar_write
             effects = bus.bar_write(b.device_id, b.bar, b.offset, b.size, b.value)
             counters[b.device_id].bar_writes += 1
-            self._emit(effects, items)
+            self._emit(session, effects, items)
         elif kind == "bar_read":
             r = request.bar_read
             value = bus.bar_read(r.device_id, r.bar, r.offset, r.size)
@@ -283,29 +334,133 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             effects = bus.config_write(w.bus, w.device, w.function, w.offset, w.size, w.value)
             if bus.at(w.bus, w.device, w.function) is not None:
                 counters[w.device].config_writes += 1
-            self._emit(
-                effects, items
-            )  # events before the reply: the frontend's routing is right on resume
+            # Events before the reply: the frontend's routing is right on resume.
+            self._emit(session, effects, items)
             items.append(pb.ServerItem(reply=pb.Reply(seq=request.seq, done=True)))
         elif kind == "reset_device":
             device_id = request.reset_device.device_id
             effects = bus.reset(device_id)
             counters[device_id].resets += 1
-            self._emit(effects, items)
+            self._emit(session, effects, items)
             items.append(pb.ServerItem(reply=pb.Reply(seq=request.seq, done=True)))
         elif kind == "hello":
             raise AccessError("Hello may only be the first request of a stream")
         elif kind == "dma_reply":
-            raise AccessError(
-                f"DmaReply for request {request.dma_reply.request_id}, "
-                "but no DMA request is outstanding"
-            )
+            self._dma_reply(session, request.dma_reply, items)
+        elif kind == "memory_map_update":
+            self._memory_map_update(session, request.memory_map_update)
+            items.append(pb.ServerItem(reply=pb.Reply(seq=request.seq, done=True)))
         else:
             raise AccessError("the request carries no access (empty or unknown oneof 'kind')")
 
-    def _emit(self, effects: list[Effect], items: list[pb.ServerItem]) -> None:
+    def _memory_map_update(self, session: Session, update: pb.MemoryMapUpdate) -> None:
+        if len(update.add) > MAX_REGIONS or len(update.remove) > MAX_REGIONS:
+            raise AccessError(
+                f"MemoryMapUpdate adds {len(update.add)} and removes {len(update.remove)} "
+                f"regions; at most {MAX_REGIONS} of each"
+            )
+        session.memory.update(
+            [region_from_pb(r) for r in update.add],
+            [AddressRange(r.base, r.size) for r in update.remove],
+            add_name="MemoryMapUpdate.add",
+            remove_name="MemoryMapUpdate.remove",
+        )
+        self.counters.memory_map_updates += 1
+
+    # -- DMA
+
+    def _dma(self, session: Session, dma: DmaRequested, items: list[pb.ServerItem]) -> list[Effect]:
+        """Carry out (or send out) one DmaRequested; returns what an immediate completion caused."""
+        self.counters.devices[dma.device_id].dma_requests += 1
+        if dma.length > MAX_DMA_BYTES:
+            return self._complete(
+                session,
+                dma.device_id,
+                dma.token,
+                None,
+                f"a transfer of {dma.length} bytes is over the {MAX_DMA_BYTES}-byte limit",
+            )
+        if session.mode == pb.MEMORY_MODE_SHARED:
+            assert isinstance(session.memory, SharedGuestMemory)
+            data, error = perform_dma(session.memory, dma)
+            return self._complete(session, dma.device_id, dma.token, data, error)
+        if session.mode == pb.MEMORY_MODE_DMA_MESSAGES:
+            if len(session.dma_pending) >= MAX_DMA_OUTSTANDING:
+                return self._complete(
+                    session,
+                    dma.device_id,
+                    dma.token,
+                    None,
+                    f"the frontend already owes {MAX_DMA_OUTSTANDING} DMA replies",
+                )
+            request_id = session.next_dma_id
+            session.next_dma_id += 1
+            session.dma_pending[request_id] = PendingDma(
+                dma.device_id, dma.token, dma.length, dma.write
+            )
+            self.counters.events += 1
+            items.append(pb.ServerItem(event=event_to_pb(dma, request_id)))
+            return []
+        return self._complete(
+            session,
+            dma.device_id,
+            dma.token,
+            None,
+            "the frontend gave the server no access to guest memory (MEMORY_MODE_NONE)",
+        )
+
+    def _dma_reply(self, session: Session, reply: pb.DmaReply, items: list[pb.ServerItem]) -> None:
+        pending = session.dma_pending.pop(reply.request_id, None)
+        if pending is None:
+            raise AccessError(
+                f"DmaReply for request {reply.request_id}, "
+                "but no DMA request with that id is outstanding"
+            )
+        if reply.ok and pending.write:
+            data, error = None, None
+        elif reply.ok and len(reply.data) == pending.length:
+            data, error = bytes(reply.data), None
+        elif reply.ok:
+            data = None
+            error = (
+                f"the frontend returned {len(reply.data)} bytes for a {pending.length}-byte read"
+            )
+        else:
+            data, error = None, reply.error or "the frontend refused the transfer"
+        effects = self._complete(session, pending.device_id, pending.token, data, error)
+        self._emit(session, effects, items)
+
+    def _complete(
+        self, session: Session, device_id: int, token: int, data: bytes | None, error: str | None
+    ) -> list[Effect]:
+        function = session.bus.function(device_id)
+        if error is not None:
+            self.counters.devices[device_id].dma_errors += 1
+            log.debug("device %d: DMA %d failed: %s", device_id, token, error)
+        return function.dma_completed(token, data, error)
+
+    # -- events
+
+    def _emit(self, session: Session, effects: list[Effect], items: list[pb.ServerItem]) -> None:
+        """Stream `effects` as events, in order; DMA requests are carried out on the way."""
         counters = self.counters.devices
-        for effect in effects:
+        queue = deque(effects)
+        budget = _MAX_DMA_PER_REQUEST
+        while queue:
+            effect = queue.popleft()
+            if isinstance(effect, DmaRequested):
+                budget -= 1
+                if budget < 0:
+                    log.error(
+                        "device %d keeps starting DMA from its DMA completions; dropped "
+                        "request %d (the device stays busy until reset)",
+                        effect.device_id,
+                        effect.token,
+                    )
+                    continue
+                # What finishing it caused comes next, before anything later.
+                queue.extendleft(reversed(self._dma(session, effect, items)))
+                continue
             match effect:
                 case BarDecodeChanged():
                     counters[effect.device_id].bar_decode_changes += 1

@@ -16,6 +16,8 @@ class DeviceCounters:
     msis: int = 0
     intx_changes: int = 0
     resets: int = 0
+    dma_requests: int = 0
+    dma_errors: int = 0
 
 
 @dataclass(slots=True)
@@ -26,6 +28,7 @@ class ServerCounters:
     server_messages: int = 0
     events: int = 0
     rejected_requests: int = 0
+    memory_map_updates: int = 0
     devices: defaultdict[int, DeviceCounters] = field(
         default_factory=lambda: defaultdict(DeviceCounters)
     )

@@ -4,13 +4,18 @@ small vfio-user client standing in for QEMU.
 The client is deliberately independent of vmm_client.vfio_user.protocol: it
 packs the spec's layouts by hand with struct, sends eventfds and memfds with
 SCM_RIGHTS as QEMU does, and runs in a worker thread (blocking sockets) while
-the event loop serves the bridge and the device server.
+the event loop serves the bridge and the device server. Like QEMU it serves
+the bridge's DMA_READ/DMA_WRITE requests whenever they arrive, in the layout
+QEMU 11.1 uses on the wire (u64 address, u64 count, data at payload offset
+16; messages at least 32 + count bytes long), or with `dma_data_offset=12`
+in that of QEMU's first-merged source (u32 count, data at 12).
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -29,12 +34,19 @@ from devserver.config import parse_device_spec
 from devserver.devices.testdev import ID_VALUE, MEM_BAR, MSIX_BAR
 from devserver.service.server import DevServer, Listen
 from vmm_client.client import AsyncSession, open_channel
-from vmm_client.vfio_user.bridge import Device, DeviceHandler, VfioUserBridge, run_bridge
+from vmm_client.vfio_user.bridge import (
+    Device,
+    DeviceHandler,
+    DmaLayout,
+    MemoryMode,
+    VfioUserBridge,
+    run_bridge,
+)
 
 HDR = struct.Struct("<HHIII")
 REPLY, NO_REPLY, ERROR = 0x1, 0x10, 0x20
 VERSION, DMA_MAP, DMA_UNMAP, GET_INFO, REGION_INFO = 1, 2, 3, 4, 5
-IRQ_INFO, SET_IRQS, READ, WRITE, RESET = 7, 8, 9, 10, 13
+IRQ_INFO, SET_IRQS, READ, WRITE, DMA_READ, DMA_WRITE, RESET = 7, 8, 9, 10, 11, 12, 13
 CONFIG = 7
 EVENTFD_TRIGGER = 0x4 | 0x20
 NONE_TRIGGER = 0x1 | 0x20
@@ -57,13 +69,22 @@ class Reply:
 
 
 class Client:
-    """A blocking vfio-user client: the parts of QEMU's hw/vfio-user the tests need."""
+    """A blocking vfio-user client: the parts of QEMU's hw/vfio-user the tests need.
 
-    def __init__(self, path: Path) -> None:
+    `guest` is guest RAM by address for the DMA_READ/DMA_WRITE requests the
+    bridge sends (QEMU's pci_dma_read/pci_dma_write); `dma_log` records them.
+    """
+
+    def __init__(
+        self, path: Path, guest: dict[int, bytearray] | None = None, dma_data_offset: int = 16
+    ) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(os.fspath(path))
         self.next_id = 0
+        self.guest = guest or {}
+        self.dma_data_offset = dma_data_offset
+        self.dma_log: list[tuple[int, int, int, int]] = []  # (command, address, count, size)
 
     def close(self) -> None:
         self.sock.close()
@@ -90,8 +111,43 @@ class Client:
         return out
 
     def receive(self) -> Reply:
-        msg_id, command, size, flags, error = HDR.unpack(self.recv_exact(16))
-        return Reply(msg_id, command, flags, error, self.recv_exact(size - 16))
+        """The next reply; DMA requests from the bridge are served on the way."""
+        while True:
+            msg_id, command, size, flags, error = HDR.unpack(self.recv_exact(16))
+            payload = self.recv_exact(size - 16)
+            if flags & 0xF == 0 and command in (DMA_READ, DMA_WRITE):
+                self.serve_dma(msg_id, command, size, payload)
+                continue
+            return Reply(msg_id, command, flags, error, payload)
+
+    def _guest(self, address: int, count: int) -> tuple[bytearray, int] | None:
+        for base, ram in self.guest.items():
+            if base <= address and address + count <= base + len(ram):
+                return ram, address - base
+        return None
+
+    def serve_dma(self, msg_id: int, command: int, size: int, payload: bytes) -> None:
+        """QEMU's vfio_user_dma_read/vfio_user_dma_write (hw/vfio-user/pci.c)."""
+        at_data = self.dma_data_offset
+        address = int.from_bytes(payload[0:8], "little")
+        count = int.from_bytes(payload[8:at_data], "little")
+        self.dma_log.append((command, address, count, size))
+        if size < 32 or (command == DMA_WRITE and count > size - 32):
+            error = errno.EINVAL if size < 32 else errno.E2BIG
+            self.sock.sendall(HDR.pack(msg_id, command, 16, REPLY | ERROR, error))
+            return
+        found = self._guest(address, count)
+        if found is None:
+            self.sock.sendall(HDR.pack(msg_id, command, 16, REPLY | ERROR, errno.EFAULT))
+            return
+        ram, at = found
+        head = payload[:16]  # the request's own address and count, echoed
+        if command == DMA_WRITE:
+            ram[at : at + count] = payload[at_data : at_data + count]
+            self.sock.sendall(HDR.pack(msg_id, command, 16 + len(head), REPLY, 0) + head)
+        else:
+            body = (head[:at_data] + bytes(ram[at : at + count])).ljust(16 + count, b"\0")
+            self.sock.sendall(HDR.pack(msg_id, command, 16 + len(body), REPLY, 0) + body)
 
     def call(
         self, command: int, payload: bytes = b"", fds: Sequence[int] = (), flags: int = 0
@@ -194,8 +250,10 @@ class Rig:
     sockets: dict[str, Path]
 
 
-@pytest_asyncio.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def running_rig(
+    tmp_path: Path, memory_mode: MemoryMode, dma_layout: DmaLayout = "spec"
+) -> AsyncIterator[Rig]:
     """Two test devices on a real device server, behind a running bridge."""
     server = DevServer(
         [parse_device_spec(d) for d in ("pci-testdev", "pci-testdev,slot=5,name=second")],
@@ -203,7 +261,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     )
     await server.start()
     channel = open_channel(server.address)
-    bridge = VfioUserBridge(tmp_path / "vfu", access_timeout=2.0)
+    bridge = VfioUserBridge(
+        tmp_path / "vfu", access_timeout=2.0, memory_mode=memory_mode, dma_layout=dma_layout
+    )
     session = await AsyncSession.attach(
         channel, bridge.frontend_options("test"), on_event=bridge.on_event, on_dma=bridge.on_dma
     )
@@ -215,6 +275,20 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         await session.close()
         await channel.close(None)
         await server.stop(0)
+
+
+@pytest_asyncio.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """The bridge in shared mode (its default): the server maps QEMU's memfds."""
+    async with running_rig(tmp_path, "shared") as r:
+        yield r
+
+
+@pytest_asyncio.fixture
+async def messages_rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """The bridge in message mode: every transfer is a DmaRequest it serves."""
+    async with running_rig(tmp_path, "messages") as r:
+        yield r
 
 
 def device_of(rig: Rig, name: str) -> Device:
@@ -390,8 +464,11 @@ async def test_qemu_like_session(rig: Rig, eventfds: list[int], tmp_path: Path) 
         await asyncio.to_thread(scenario_msix, client, msix)
         await asyncio.to_thread(scenario_errors_dma_reset, client, ram)
 
-        # The bridge holds its own dup of the memfd, and can DMA through it.
-        assert open_fds_to(target) == 2
+        # The bridge holds its own dup of the memfd, and can DMA through it; the
+        # server (in this process) mapped it through /proc/<pid>/fd/<n>.
+        assert open_fds_to(target) == 3
+        assert rig.bridge.memory is not None
+        assert rig.bridge.memory.announced == [(0x100000, 0x10000)]
         handler = handler_of(rig, "pci-testdev0")
         os.pwrite(ram, b"guest data", 0x10)
         assert await handler.dma_read(0x100010, 10) == b"guest data"
@@ -399,7 +476,8 @@ async def test_qemu_like_session(rig: Rig, eventfds: list[int], tmp_path: Path) 
         assert os.pread(ram, 15, 0x20) == b"from the device"
 
         await asyncio.to_thread(scenario_unmap_and_reset, client)
-        assert open_fds_to(target) == 1  # DMA_UNMAP closed the bridge's copy
+        assert open_fds_to(target) == 1  # DMA_UNMAP withdrew it and closed the bridge's copy
+        assert rig.bridge.memory.announced == []
 
         # INTx and MSI-X were disabled: the bridge kept no eventfd.
         assert open_fds_to("anon_inode:[eventfd]") == eventfd_links
@@ -424,12 +502,13 @@ async def test_disconnect_releases_descriptors(rig: Rig, eventfds: list[int]) ->
             assert client.call(DMA_MAP, struct.pack("<IIQQQ", 32, 3, 0, 0, 0x4000), [ram]).ok
 
         await asyncio.to_thread(arm)
-        assert open_fds_to(target) == 2
+        assert open_fds_to(target) == 3  # ours, the bridge's, the server's map
         assert open_fds_to("anon_inode:[eventfd]") == eventfd_links + 2
     finally:
         client.close()
         os.close(ram)
-    # The bridge notices the hang-up and closes every descriptor QEMU gave it.
+    # The bridge notices the hang-up and closes every descriptor QEMU gave it,
+    # and withdraws the RAM from the server, which unmaps it.
     for _ in range(100):
         if open_fds_to("anon_inode:[eventfd]") == eventfd_links and open_fds_to(target) == 0:
             break
@@ -581,3 +660,186 @@ async def test_run_bridge(tmp_path: Path) -> None:
         assert not path.exists()
     finally:
         await server.stop(0)
+
+
+# ---------------------------------------------------------------- device DMA end to end
+
+GUEST_RAM = 0x10_0000
+RAM_BYTES = 0x1_0000
+DMA_ADDR_LO, DMA_ADDR_HI, DMA_LEN, DMA_CMD, DMA_STATUS = 0x18, 0x1C, 0x20, 0x24, 0x28
+FROM_GUEST, TO_GUEST = 1, 2
+BUSY, DONE, DMA_ERROR = 1, 2, 4
+
+
+@pytest.fixture
+def guest_ram() -> Iterator[int]:
+    fd = os.memfd_create("vfu-guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, RAM_BYTES)
+    yield fd
+    os.close(fd)
+
+
+def map_ram(client: Client, address: int, size: int, fd: int | None, offset: int = 0) -> None:
+    payload = struct.pack("<IIQQQ", 32, 0x3, offset, address, size)
+    assert client.call(DMA_MAP, payload, [fd] if fd is not None else []).ok
+
+
+def unmap_ram(client: Client, address: int, size: int) -> None:
+    assert client.call(DMA_UNMAP, struct.pack("<IIQQ", 24, 0, address, size)).ok
+
+
+def run_dma(client: Client, command: int, address: int, length: int) -> int:
+    """What a guest driver does: program the engine with posted writes, then poll."""
+    client.write_int(MEM_BAR, DMA_ADDR_LO, 4, address & 0xFFFF_FFFF, posted=True)
+    client.write_int(MEM_BAR, DMA_ADDR_HI, 4, address >> 32, posted=True)
+    client.write_int(MEM_BAR, DMA_LEN, 4, length, posted=True)
+    client.write_int(MEM_BAR, DMA_CMD, 4, command, posted=True)
+    for _ in range(1000):
+        status = client.read_int(MEM_BAR, DMA_STATUS, 4)
+        if not status & BUSY:
+            break
+        time.sleep(0.002)
+    client.write_int(MEM_BAR, DMA_STATUS, 4, DONE | DMA_ERROR, posted=True)
+    client.write_int(MEM_BAR, 0xC, 4, 0xFFFF_FFFF, posted=True)  # IRQ_STATUS
+    return status
+
+
+async def test_guest_dma_through_shared_memory(
+    rig: Rig, guest_ram: int, eventfds: list[int]
+) -> None:
+    intx = eventfds[0]
+    client = Client(rig.sockets["pci-testdev0"])
+    target = memfd_target(guest_ram)
+    os.pwrite(guest_ram, b"guest data", 0x200)
+    try:
+
+        def run() -> None:
+            enumerate_and_enable(client)  # bus master on
+            assert client.set_irqs(INTX, EVENTFD_TRIGGER, 0, 1, [intx]).ok
+            map_ram(client, 0xFFFC_0000, 0x4_0000, None)  # the BIOS: no fd, not RAM
+            map_ram(client, GUEST_RAM, RAM_BYTES, guest_ram)
+            assert run_dma(client, FROM_GUEST, GUEST_RAM + 0x200, 10) == DONE
+            assert fired(intx) == 1
+            assert client.read(MEM_BAR, 0x1000, 10) == b"guest data"
+            client.write(MEM_BAR, 0x1000, b"device data", posted=True)
+            assert run_dma(client, TO_GUEST, GUEST_RAM + 0x300, 11) == DONE
+            assert os.pread(guest_ram, 11, 0x300) == b"device data"
+            assert run_dma(client, TO_GUEST, 0xFFFC_0000, 11) == DMA_ERROR  # ROM: not shared
+            client.write_int(CONFIG, 0x04, 2, 0x0003)  # bus master off
+            assert run_dma(client, TO_GUEST, GUEST_RAM, 4) == DMA_ERROR
+
+        await asyncio.to_thread(run)
+        assert client.dma_log == []  # no transfer went through QEMU
+        assert rig.bridge.memory is not None
+        assert rig.bridge.memory.announced == [(GUEST_RAM, RAM_BYTES)]
+        stats = rig.server.servicer.counters.devices[1]
+        assert (stats.dma_requests, stats.dma_errors) == (3, 1)
+        await asyncio.to_thread(unmap_ram, client, GUEST_RAM, RAM_BYTES)
+        assert rig.bridge.memory.announced == []
+        assert open_fds_to(target) == 1  # the server and the bridge let go
+        await asyncio.to_thread(client.write_int, CONFIG, 0x04, 2, 0x0007)
+        assert await asyncio.to_thread(run_dma, client, TO_GUEST, GUEST_RAM, 4) == DMA_ERROR
+    finally:
+        client.close()
+
+
+async def test_ram_mapped_by_every_device_is_announced_once(rig: Rig, guest_ram: int) -> None:
+    """QEMU sends each vfio-user device the same DMA_MAPs; the server gets one map."""
+    first = Client(rig.sockets["pci-testdev0"])
+    second = Client(rig.sockets["second"])
+    target = memfd_target(guest_ram)
+    memory = rig.bridge.memory
+    assert memory is not None
+    try:
+
+        def map_both() -> None:
+            for client in (first, second):
+                enumerate_and_enable(client)
+                map_ram(client, GUEST_RAM, 0x8000, guest_ram)
+                map_ram(client, GUEST_RAM + 0x8000, 0x8000, guest_ram, offset=0x8000)
+
+        await asyncio.to_thread(map_both)
+        assert memory.announced == [(GUEST_RAM, 0x8000), (GUEST_RAM + 0x8000, 0x8000)]
+        # SeaBIOS-style remap on one connection: its new window overlaps the
+        # other connection's old one, so the server keeps the old until both moved.
+        await asyncio.to_thread(unmap_ram, first, GUEST_RAM, 0x8000)
+        await asyncio.to_thread(map_ram, first, GUEST_RAM, 0x4000, guest_ram)
+        assert memory.announced == [(GUEST_RAM, 0x8000), (GUEST_RAM + 0x8000, 0x8000)]
+        os.pwrite(guest_ram, b"seam", 0x7FFE)
+        assert await asyncio.to_thread(run_dma, first, FROM_GUEST, GUEST_RAM + 0x7FFE, 4) == DONE
+        await asyncio.to_thread(unmap_ram, second, GUEST_RAM, 0x8000)
+        assert memory.announced == [(GUEST_RAM, 0x4000), (GUEST_RAM + 0x8000, 0x8000)]
+        assert await asyncio.to_thread(first.read, MEM_BAR, 0x1000, 4) == b"seam"
+    finally:
+        first.close()
+        second.close()
+    for _ in range(100):  # both hung up: everything withdrawn and closed
+        if memory.announced == [] and open_fds_to(target) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert memory.announced == [] and open_fds_to(target) == 1
+
+
+@pytest.mark.parametrize(("layout", "offset"), [("spec", 16), ("u32-count", 12)])
+async def test_guest_dma_through_dma_messages(
+    tmp_path: Path, layout: DmaLayout, offset: int
+) -> None:
+    """No fd for guest RAM: the bridge asks QEMU with DMA_READ/DMA_WRITE."""
+    ram = bytearray(RAM_BYTES)
+    ram[0x40:0x4C] = b"via DMA_READ"
+    async with running_rig(tmp_path, "messages", layout) as messages_rig:
+        client = Client(
+            messages_rig.sockets["pci-testdev0"], guest={GUEST_RAM: ram}, dma_data_offset=offset
+        )
+        await drive_dma_messages(messages_rig, client)
+    assert ram[0x80:0x8D] == b"via DMA_WRITE"
+    # 16-byte requests (32 with the header); a write is 32 + count long in both layouts.
+    assert client.dma_log == [
+        (DMA_READ, GUEST_RAM + 0x40, 12, 32),
+        (DMA_WRITE, GUEST_RAM + 0x80, 13, 32 + 13),
+    ]
+
+
+async def drive_dma_messages(messages_rig: Rig, client: Client) -> None:
+    try:
+
+        def run() -> None:
+            enumerate_and_enable(client)
+            map_ram(client, GUEST_RAM, RAM_BYTES, None)
+            assert run_dma(client, FROM_GUEST, GUEST_RAM + 0x40, 12) == DONE
+            assert client.read(MEM_BAR, 0x1000, 12) == b"via DMA_READ"
+            client.write(MEM_BAR, 0x1000, b"via DMA_WRITE", posted=True)
+            assert run_dma(client, TO_GUEST, GUEST_RAM + 0x80, 13) == DONE
+            # Outside every window: refused by the bridge, QEMU never asked.
+            assert run_dma(client, TO_GUEST, GUEST_RAM + RAM_BYTES, 4) == DMA_ERROR
+
+        await asyncio.to_thread(run)
+    finally:
+        client.close()
+    assert messages_rig.bridge.memory is None
+
+
+async def test_dma_messages_served_from_the_bridges_own_map(
+    messages_rig: Rig, guest_ram: int
+) -> None:
+    """With an fd the bridge reads and writes QEMU's memfd itself; a transfer that
+    runs on into an fd-less window continues with DMA_READ there."""
+    tail = bytearray(0x1000)
+    tail[:4] = b"TAIL"
+    client = Client(messages_rig.sockets["second"], guest={GUEST_RAM + RAM_BYTES: tail})
+    os.pwrite(guest_ram, b"HEAD", RAM_BYTES - 4)
+    try:
+
+        def run() -> None:
+            enumerate_and_enable(client)
+            map_ram(client, GUEST_RAM, RAM_BYTES, guest_ram)
+            map_ram(client, GUEST_RAM + RAM_BYTES, 0x1000, None)
+            assert run_dma(client, FROM_GUEST, GUEST_RAM + RAM_BYTES - 4, 8) == DONE
+            assert client.read(MEM_BAR, 0x1000, 8) == b"HEADTAIL"
+            assert run_dma(client, TO_GUEST, GUEST_RAM + 0x10, 8) == DONE
+
+        await asyncio.to_thread(run)
+    finally:
+        client.close()
+    assert os.pread(guest_ram, 8, 0x10) == b"HEADTAIL"
+    assert client.dma_log == [(DMA_READ, GUEST_RAM + RAM_BYTES, 4, 32)]

@@ -27,13 +27,19 @@ async def boot_served_guest(
     extra_append: str = "",
     memory_mb: int = 512,
     on_output: Callable[[str], None] | None = None,
+    memory_mode: str = "auto",
 ) -> GuestResult:
     """Bridge every device of `devserver` into a QEMU guest and run `script` there.
 
     With `script` None the guest prints `lspci -nn` and powers off.
+    `memory_mode` is the bridge's ("shared", "messages" or "auto": shared for
+    a unix: server); guest RAM is a shared memfd either way, so "messages"
+    serves DmaRequests from the bridge's own map of it.
     """
     with tempfile.TemporaryDirectory(prefix="devmodel-vfu-") as directory:
-        async with open_bridge(devserver, Path(directory), tls=tls, name="qemu") as bridge:
+        async with open_bridge(
+            devserver, Path(directory), tls=tls, name="qemu", memory_mode=memory_mode
+        ) as bridge:
             args = [*bridge.qemu_args(), *extra_qemu_args]
             # QEMU runs in a thread: the bridge must keep answering on this loop.
             return await asyncio.to_thread(

@@ -6,6 +6,11 @@
 opens one vfio-user socket per device (DIR/NAME.sock), prints the `-device
 vfio-user-pci,...` arguments for QEMU once they listen, and runs until
 SIGINT or SIGTERM. Start it before QEMU: QEMU connects at realize time.
+
+Device DMA reaches guest RAM as `--memory-mode` says: `shared` hands QEMU's
+memfds on to the server (give QEMU -object memory-backend-memfd,share=on),
+`messages` carries every transfer over the stream (a remote server, or RAM
+QEMU cannot share); `auto` picks shared for a unix: server address.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from devserver.errors import ConfigError
 from devserver.service.server import default_socket_path
 
 from ..client import ClientError, TlsClientFiles
-from .bridge import ACCESS_TIMEOUT, VfioUserBridge, run_bridge
+from .bridge import ACCESS_TIMEOUT, DMA_LAYOUTS, MEMORY_MODES, VfioUserBridge, run_bridge
 
 
 def default_socket_dir() -> Path:
@@ -54,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=ACCESS_TIMEOUT,
         help="seconds to wait for the device server before a read returns all-ones "
         "(keep it under QEMU's x-msg-timeout; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-mode",
+        choices=MEMORY_MODES,
+        default="auto",
+        help="how device DMA reaches guest RAM: shared (the server maps QEMU's memfds; "
+        "same host), messages (DmaRequest over the stream, served from QEMU's memfds or "
+        "vfio-user DMA_READ/DMA_WRITE), auto: shared for a unix: address (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dma-layout",
+        choices=sorted(DMA_LAYOUTS),
+        default="spec",
+        help="where vfio-user DMA_READ/DMA_WRITE data sits: spec (offset 16, u64 count; "
+        "QEMU 11.1) or u32-count (offset 12, the first-merged QEMU source) "
+        "(default: %(default)s)",
     )
     parser.add_argument("--tls-ca", type=Path, help="CA (PEM) the server certificate chains to")
     parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mTLS")
@@ -95,6 +116,8 @@ async def _main(args: argparse.Namespace) -> None:
             access_timeout=args.timeout,
             ready=ready,
             stop=stop,
+            memory_mode=args.memory_mode,
+            dma_layout=args.dma_layout,
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):

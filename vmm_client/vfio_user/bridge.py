@@ -41,6 +41,26 @@ requests at once, and a worker task that handles requests strictly in order
 writes). A reader thread would cost a cross-thread hop on every access and
 still need the loop for gRPC; grpc.aio must live on one loop anyway.
 
+Guest memory for device DMA, two modes (`memory_mode`):
+  * "shared" (the default when the device server is on this host): guest RAM
+    QEMU sends as fds with DMA_MAP (memory-backend-memfd,share=on) is
+    announced to the server with MemoryMapUpdate(add) as /proc/<our
+    pid>/fd/<n>, which the server opens and maps itself, and withdrawn with
+    MemoryMapUpdate(remove) on DMA_UNMAP before the fd is closed. Maps without
+    an fd (ROM, MMIO, the VGA window) are not RAM and are not announced. Every
+    device connection gets the same DMA_MAPs while the server keeps one map
+    per session, so MemoryMirror announces each window once and withdraws it
+    when its last connection unmaps it. The server then reads and writes guest
+    RAM directly: no message per transfer.
+  * "messages": Hello says MEMORY_MODE_DMA_MESSAGES and the server sends a
+    DmaRequest event per transfer; the bridge serves it through its own mmap
+    of QEMU's memfd when it has one, else with vfio-user DMA_READ/DMA_WRITE to
+    QEMU (data at payload offset 16, as the spec and QEMU 11.1 on the wire
+    have it; `dma_layout="u32-count"` for a QEMU whose VFIOUserDMARW still has
+    a u32 count, see protocol.DMA_DATA_OFFSET_SPEC), and answers with a
+    DmaReply. Replies may come in any order; nothing waits for one on the
+    access path.
+
 If the device server goes away, reads return all-ones (a master abort),
 writes are dropped, and that is logged once; no access waits longer than
 `access_timeout` (below QEMU's 5 s x-msg-timeout), so no vCPU hangs.
@@ -50,6 +70,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import bisect
 import contextlib
 import errno
 import json
@@ -62,15 +83,24 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from devmodel.v1 import devmodel_pb2 as pb
-from devserver.effects import DeviceNeedsReset, Effect, IntxChanged, MsiRaised
+from devserver.effects import AddressRange, DeviceNeedsReset, Effect, IntxChanged, MsiRaised
 from devserver.service.server import prepare_socket_dir
 
-from ..client import AsyncSession, ClientError, FrontendOptions, TlsClientFiles, open_channel
+from ..client import (
+    AsyncSession,
+    ClientError,
+    FrontendOptions,
+    MemoryRegion,
+    TlsClientFiles,
+    open_channel,
+)
 from .protocol import (
     DEFAULT_MAX_DATA_XFER,
+    DMA_DATA_OFFSET_SPEC,
+    DMA_DATA_OFFSET_U32_COUNT,
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
     DMA_UNMAP_FLAG_ALL,
@@ -131,6 +161,25 @@ _PCI_CAP_ID_MSIX: Final = 0x11
 _PCI_MSIX_TABLE: Final = 4
 _PCI_MSIX_ENTRY_SIZE: Final = 16
 _PCI_MSIX_ENTRY_VECTOR_CTRL: Final = 12
+_U64: Final = 1 << 64
+
+MemoryMode = Literal["shared", "messages"]
+MEMORY_MODES: Final = ("auto", "shared", "messages")
+DmaLayout = Literal["spec", "u32-count"]
+DMA_LAYOUTS: Final[dict[str, int]] = {
+    "spec": DMA_DATA_OFFSET_SPEC,
+    "u32-count": DMA_DATA_OFFSET_U32_COUNT,
+}
+
+
+def resolve_memory_mode(mode: str, devserver_target: str) -> MemoryMode:
+    """`auto` is shared RAM when the device server listens on a UNIX socket (so it
+    is on this host and can open /proc/<pid>/fd paths), DMA messages otherwise."""
+    if mode == "shared" or (mode == "auto" and devserver_target.startswith("unix:")):
+        return "shared"
+    if mode in ("auto", "messages"):
+        return "messages"
+    raise ValueError(f"memory mode {mode!r} is not one of {', '.join(MEMORY_MODES)}")
 
 
 class DmaError(Exception):
@@ -159,6 +208,10 @@ class SessionLike(Protocol):
     async def flush(self) -> None: ...
 
     def dma_reply(self, request_id: int, data: bytes = b"", error: str = "") -> None: ...
+
+    async def memory_map_update(
+        self, add: Sequence[MemoryRegion] = (), remove: Sequence[AddressRange] = ()
+    ) -> None: ...
 
 
 # ---------------------------------------------------------------- the device server side
@@ -293,6 +346,27 @@ class ServerLink:
             return 0
 
         return await self._gather(f"a reset of {info.name}", [call]) is not None
+
+    async def memory_map_update(
+        self, add: Sequence[MemoryRegion], remove: Sequence[AddressRange]
+    ) -> bool:
+        """Change the server's memory map; False if it did not take the change.
+
+        Unlike an access, a map update that timed out leaves the server's map
+        unknown (it may still apply it), so a timeout is final here too.
+        """
+        if self.lost is not None:
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.session.memory_map_update(add, remove)
+        except ClientError as e:
+            self._lose(e)
+            return False
+        except TimeoutError:
+            self._lose(ClientError(f"no reply to a memory map update within {self.timeout} s"))
+            return False
+        return True
 
 
 # ---------------------------------------------------------------- per-device state
@@ -491,6 +565,7 @@ class DmaRegion:
     offset: int
     flags: int
     fd: int | None
+    file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the fd's file
     _map: mmap.mmap | None = field(default=None, repr=False)
     _delta: int = 0
 
@@ -538,12 +613,17 @@ class DmaRegion:
             self.fd = None
 
 
+def close_regions(regions: Iterable[DmaRegion]) -> None:
+    for region in regions:
+        region.close()
+
+
 class DmaTable:
     """The guest-memory windows QEMU granted with DMA_MAP (VFIO type1 semantics)."""
 
     def __init__(self, max_maps: int = MAX_DMA_MAPS) -> None:
         self.max_maps = max_maps
-        self.regions: list[DmaRegion] = []
+        self.regions: list[DmaRegion] = []  # sorted by address, disjoint
 
     def add(self, request: DmaMap, fd: int | None) -> DmaRegion:
         """Record a window; the caller keeps the fd only if this returns."""
@@ -556,6 +636,7 @@ class DmaTable:
                 )
         if len(self.regions) >= self.max_maps:
             raise ProtocolError(f"more than {self.max_maps} DMA windows", errno.ENOSPC)
+        file_id = None
         if fd is not None:
             try:
                 info = os.fstat(fd)
@@ -568,14 +649,17 @@ class DmaTable:
                     f"DMA_MAP offset {request.offset:#x} + size {request.size:#x} is past the "
                     f"end of its file ({info.st_size:#x} bytes)"
                 )
-        region = DmaRegion(request.address, request.size, request.offset, request.flags, fd)
-        self.regions.append(region)
-        self.regions.sort(key=lambda r: r.address)
+            file_id = (info.st_dev, info.st_ino)
+        region = DmaRegion(
+            request.address, request.size, request.offset, request.flags, fd, file_id
+        )
+        bisect.insort(self.regions, region, key=lambda r: r.address)
         return region
 
-    def remove(self, address: int, size: int) -> int:
-        """Unmap every window inside [address, address + size); a window cut in two is
-        refused (EINVAL), as VFIO's type1 IOMMU does."""
+    def detach(self, address: int, size: int) -> list[DmaRegion]:
+        """Take every window inside [address, address + size) out of the table, still
+        open (the caller closes them); a window cut in two is refused (EINVAL), as
+        VFIO's type1 IOMMU does."""
         end = address + size
         inside = [r for r in self.regions if address <= r.address and r.end <= end]
         for r in self.regions:
@@ -585,20 +669,211 @@ class DmaTable:
                     f"[{r.address:#x} +{r.size:#x}) in two"
                 )
         for r in inside:
-            r.close()
             self.regions.remove(r)
-        return len(inside)
+        return inside
+
+    def detach_all(self) -> list[DmaRegion]:
+        regions, self.regions = self.regions, []
+        return regions
+
+    def remove(self, address: int, size: int) -> int:
+        """Unmap and close every window inside the range; returns how many."""
+        regions = self.detach(address, size)
+        close_regions(regions)
+        return len(regions)
 
     def clear(self) -> None:
-        for r in self.regions:
-            r.close()
-        self.regions.clear()
+        close_regions(self.detach_all())
 
     def find(self, address: int, length: int) -> DmaRegion | None:
-        for r in self.regions:
-            if r.contains(address, length):
-                return r
+        i = bisect.bisect_right(self.regions, address, key=lambda r: r.address) - 1
+        if i >= 0 and self.regions[i].contains(address, length):
+            return self.regions[i]
         return None
+
+    def pieces(self, address: int, length: int, flag: int) -> list[tuple[DmaRegion, int, int]]:
+        """[address, address + length) as (window, address, length) pieces across
+        adjacent windows that all permit `flag`; DmaError at a hole (reliability.md C3)."""
+        if length <= 0 or not 0 <= address < _U64 or length > _U64 - address:
+            raise DmaError(f"[{address:#x} +{length:#x}) is not a guest memory range")
+        out = []
+        at, end = address, address + length
+        while at < end:
+            region = self.find(at, 1)
+            if region is None:
+                raise DmaError(
+                    f"[{address:#x} +{length:#x}) is not inside QEMU's DMA windows "
+                    f"(nothing mapped at {at:#x})"
+                )
+            if not region.flags & flag:
+                raise DmaError(f"DMA window {region.address:#x} does not permit this access")
+            take = min(region.end, end) - at
+            out.append((region, at, take))
+            at += take
+        return out
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class _RamKey:
+    """A RAM window as the server sees it: same range, same file, same offset."""
+
+    address: int
+    size: int
+    file_id: tuple[int, int]
+    file_offset: int
+    writable: bool
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+class MemoryMirror:
+    """Guest RAM from every connection's DMA_MAP fds, kept in the server's memory map.
+
+    QEMU gives each vfio-user device its own DMA_MAPs of the same guest RAM,
+    and the server holds one map per session, so a window is announced once,
+    while any connection holds it, and withdrawn when the last lets it go. If
+    QEMU remaps (SeaBIOS toggling PAM below 1 MiB) and one connection's new
+    window overlaps another's old one, the new one waits until the old one is
+    gone: the server never sees overlapping regions.
+
+    A released window's fd is closed only after the update that withdrew it
+    (or any earlier update that might still be opening its /proc path) has
+    been answered. Updates are serialized and shielded from cancellation, so
+    what the mirror believes announced is what the server has.
+    """
+
+    def __init__(self, link: ServerLink) -> None:
+        self.link = link
+        self._held: dict[_RamKey, dict[object, DmaRegion]] = {}
+        self._announced: set[_RamKey] = set()
+        self._released: list[DmaRegion] = []
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._seen_fd = False
+        self._warned_fdless = False
+
+    @staticmethod
+    def _key(region: DmaRegion) -> _RamKey | None:
+        if region.fd is None or region.file_id is None:
+            return None
+        return _RamKey(
+            region.address,
+            region.size,
+            region.file_id,
+            region.offset,
+            bool(region.flags & DMA_MAP_FLAG_WRITE),
+        )
+
+    def hold(self, owner: object, region: DmaRegion) -> None:
+        key = self._key(region)
+        if key is not None:
+            self._seen_fd = True
+            self._held.setdefault(key, {})[owner] = region
+
+    def release(self, owner: object, regions: Iterable[DmaRegion]) -> None:
+        """`owner` no longer maps `regions`; the mirror closes them after the next sync."""
+        for region in regions:
+            self._released.append(region)
+            key = self._key(region)
+            holders = self._held.get(key) if key is not None else None
+            if key is None or holders is None or holders.get(owner) is not region:
+                continue
+            del holders[owner]
+            if not holders:
+                del self._held[key]
+
+    @property
+    def announced(self) -> list[tuple[int, int]]:
+        """(address, size) of every window the server has, in order."""
+        return sorted((k.address, k.size) for k in self._announced)
+
+    async def sync(self) -> bool:
+        """Bring the server's map in line with what is held; False if it refused."""
+        task = asyncio.create_task(self._sync(), name="vfio-user memory map update")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    def sync_soon(self) -> None:
+        """sync() without waiting (from teardown paths that cannot await)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop left: nobody to tell, just let go
+            close_regions(self._released)
+            self._released = []
+            return
+        task = asyncio.create_task(self._sync(), name="vfio-user memory map update")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sync(self) -> bool:
+        async with self._lock:
+            # Released before this update is computed: no path of theirs is in
+            # it, and every earlier update has been answered (we hold the lock).
+            released, self._released = self._released, []
+            try:
+                return await self._sync_locked()
+            finally:
+                close_regions(released)
+
+    async def _sync_locked(self) -> bool:
+        if self.link.lost is not None:
+            return False
+        remove = sorted(k for k in self._announced if k not in self._held)
+        kept = [k for k in self._announced if k in self._held]
+        add: list[_RamKey] = []
+        for key in sorted(k for k in self._held if k not in self._announced):
+            if any(k.address < key.end and key.address < k.end for k in (*kept, *add)):
+                log.debug("RAM window %#x+%#x waits for an overlapping one", key.address, key.size)
+                continue
+            add.append(key)
+        if not add and not remove:
+            return True
+        regions = []
+        for key in add:
+            holder = next(iter(self._held[key].values()))
+            regions.append(
+                MemoryRegion(
+                    key.address,
+                    key.size,
+                    path=f"/proc/{os.getpid()}/fd/{holder.fd}",
+                    file_offset=key.file_offset,
+                    read_only=not key.writable,
+                )
+            )
+        ok = await self.link.memory_map_update(
+            regions, [AddressRange(k.address, k.size) for k in remove]
+        )
+        if ok:
+            self._announced.difference_update(remove)
+            self._announced.update(add)
+            log.debug("memory map: +%d -%d windows", len(add), len(remove))
+        return ok
+
+    def note_fdless(self, request: DmaMap) -> None:
+        """A DMA_MAP without an fd: ROM or MMIO, or RAM QEMU cannot share.
+
+        QEMU maps RAM first (from address 0), so a large fd-less window before
+        any fd-backed one means RAM without a shareable backend.
+        """
+        if request.size >= 1 << 20 and not self._seen_fd and not self._warned_fdless:
+            self._warned_fdless = True
+            log.warning(
+                "QEMU mapped %#x bytes at %#x without an fd: if that is guest RAM, the device "
+                "server cannot reach it in shared mode; give QEMU "
+                "-object memory-backend-memfd,share=on or use --memory-mode messages",
+                request.size,
+                request.address,
+            )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        close_regions(self._released)
+        self._released = []
 
 
 # ---------------------------------------------------------------- the protocol handler
@@ -624,12 +899,16 @@ class DeviceHandler:
         *,
         mirror_msix_mask: bool = True,
         dma_timeout: float = DMA_TIMEOUT,
+        memory: MemoryMirror | None = None,
+        dma_data_offset: int = DMA_DATA_OFFSET_SPEC,
     ) -> None:
         self.device = device
         self.link = link
         self.send = send
         self.mirror_msix_mask = mirror_msix_mask
         self.dma_timeout = dma_timeout
+        self.memory = memory  # shared mode: RAM windows go to the server
+        self.dma_data_offset = dma_data_offset  # DMA_READ/DMA_WRITE layout
         self.irqs = IrqTable()
         self.dma = DmaTable()
         self.client: Capabilities | None = None  # set by VERSION
@@ -754,9 +1033,25 @@ class DeviceHandler:
         if len(fds) > 1:
             raise ProtocolError(f"DMA_MAP carries {len(fds)} file descriptors; at most 1")
         fd = fds.fds[0] if len(fds) else None
-        self.dma.add(request, fd)
+        region = self.dma.add(request, fd)
         if fd is not None:
             fds.take(0)  # the window owns it now; closed on unmap or disconnect
+        if self.memory is not None:
+            if fd is None:
+                self.memory.note_fdless(request)
+            else:
+                # The reply waits for the server: once QEMU hears the map is
+                # done, the guest may program DMA into it.
+                self.memory.hold(self, region)
+                if not await self.memory.sync():
+                    # Our own table took the window, and QEMU treats a failed
+                    # DMA_MAP as fatal: answer it, DMA there will fail instead.
+                    log.warning(
+                        "%s: the device server did not take RAM window %#x+%#x",
+                        self.device.name,
+                        request.address,
+                        request.size,
+                    )
         return self._reply(message)
 
     async def _dma_unmap(self, message: Message, fds: _Fds) -> bytes | None:
@@ -765,9 +1060,16 @@ class DeviceHandler:
         if request.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
             raise ProtocolError("dirty page tracking is not supported", errno.ENOTSUP)
         if request.flags & DMA_UNMAP_FLAG_ALL:
-            self.dma.clear()
+            regions = self.dma.detach_all()
         else:
-            self.dma.remove(request.address, request.size)
+            regions = self.dma.detach(request.address, request.size)
+        if self.memory is None:
+            close_regions(regions)
+        else:
+            # Withdrawn from the server before the fds close (the mirror closes
+            # them once the update is answered).
+            self.memory.release(self, regions)
+            await self.memory.sync()
         # The spec (and QEMU 11.1 on the wire): the reply echoes the request.
         return self._reply(message, message.payload)
 
@@ -1003,36 +1305,35 @@ class DeviceHandler:
     # -- DMA towards the client (server -> client requests)
 
     async def dma_read(self, address: int, length: int) -> bytes:
-        """Read guest memory: through the mapped fd when QEMU gave one, else DMA_READ."""
-        region = self._dma_window(address, length, DMA_MAP_FLAG_READ)
-        if region.fd is not None:
-            return region.read(address, length)
+        """Read guest memory: through the mapped fd where QEMU gave one, else DMA_READ.
+
+        The range may run across adjacent windows; a hole fails it (DmaError).
+        """
         out = bytearray()
-        for at, size in self._dma_chunks(address, length):
-            reply = await self._dma_request(Command.DMA_READ, DmaAccess(at, size).encode())
-            data = DmaAccess.decode(reply.payload).data
-            if len(data) < size:
-                raise DmaError(f"DMA_READ of {size} bytes at {at:#x} returned {len(data)}")
-            out += data[:size]
+        for region, start, count in self.dma.pieces(address, length, DMA_MAP_FLAG_READ):
+            if region.fd is not None:
+                out += region.read(start, count)
+                continue
+            for at, size in self._dma_chunks(start, count):
+                reply = await self._dma_request(Command.DMA_READ, DmaAccess(at, size).encode())
+                data = DmaAccess.decode(reply.payload, self.dma_data_offset).data
+                if len(data) < size:
+                    raise DmaError(f"DMA_READ of {size} bytes at {at:#x} returned {len(data)}")
+                out += data[:size]
         return bytes(out)
 
     async def dma_write(self, address: int, data: bytes) -> None:
-        """Write guest memory: through the mapped fd when QEMU gave one, else DMA_WRITE."""
-        region = self._dma_window(address, len(data), DMA_MAP_FLAG_WRITE)
-        if region.fd is not None:
-            region.write(address, data)
-            return
-        for at, size in self._dma_chunks(address, len(data)):
-            chunk = data[at - address : at - address + size]
-            await self._dma_request(Command.DMA_WRITE, DmaAccess(at, size, chunk).encode())
-
-    def _dma_window(self, address: int, length: int, flag: int) -> DmaRegion:
-        region = self.dma.find(address, length)
-        if region is None:
-            raise DmaError(f"[{address:#x} +{length:#x}) is not inside one DMA window")
-        if not region.flags & flag:
-            raise DmaError(f"DMA window {region.address:#x} does not permit this access")
-        return region
+        """Write guest memory: through the mapped fd where QEMU gave one, else DMA_WRITE."""
+        for region, start, count in self.dma.pieces(address, len(data), DMA_MAP_FLAG_WRITE):
+            piece = data[start - address : start - address + count]
+            if region.fd is not None:
+                region.write(start, piece)
+                continue
+            for at, size in self._dma_chunks(start, count):
+                chunk = piece[at - start : at - start + size]
+                await self._dma_request(
+                    Command.DMA_WRITE, DmaAccess(at, size, chunk).encode(self.dma_data_offset)
+                )
 
     def _dma_chunks(self, address: int, length: int) -> list[tuple[int, int]]:
         # The client's limit, and ours: its replies to DMA_READ must fit our framer.
@@ -1095,7 +1396,11 @@ class DeviceHandler:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().remove_reader(self.irqs.intx_unmask_fd)
         self.irqs.close()
-        self.dma.clear()
+        if self.memory is None:
+            self.dma.clear()
+        else:
+            self.memory.release(self, self.dma.detach_all())
+            self.memory.sync_soon()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(DmaError("the client disconnected"))
@@ -1122,7 +1427,12 @@ class Connection:
         self.device = device
         self.framer = Framer()
         self.handler = DeviceHandler(
-            device, bridge.link, self._send, mirror_msix_mask=bridge.mirror_msix_mask
+            device,
+            bridge.link,
+            self._send,
+            mirror_msix_mask=bridge.mirror_msix_mask,
+            memory=bridge.memory,
+            dma_data_offset=DMA_LAYOUTS[bridge.dma_layout],
         )
         self._queue: asyncio.Queue[Message | FramingError | _Closed] = asyncio.Queue(QUEUE_DEPTH)
         self._send_lock = asyncio.Lock()
@@ -1142,10 +1452,14 @@ class Connection:
         finally:
             for task in (reader, worker):
                 task.cancel()
-            for result in await asyncio.gather(reader, worker, return_exceptions=True):
-                if isinstance(result, Exception):
-                    log.error("%s: connection task failed", self.device.name, exc_info=result)
-            self.close()
+            try:
+                for result in await asyncio.gather(reader, worker, return_exceptions=True):
+                    if isinstance(result, Exception):
+                        log.error("%s: connection task failed", self.device.name, exc_info=result)
+            finally:
+                # Even when the bridge stops (cancelling us) while the client's
+                # hang-up is still being wound down: stop() no longer sees us.
+                self.close()
 
     async def _recvmsg(self) -> tuple[bytes, list[int], bool]:
         """One non-blocking recvmsg: (bytes, received fds, control data truncated)."""
@@ -1249,7 +1563,7 @@ class Connection:
 class VfioUserBridge:
     """A vfio-user socket per device of one device server, all on one session.
 
-        bridge = VfioUserBridge(socket_dir)
+        bridge = VfioUserBridge(socket_dir, memory_mode="shared")
         session = await AsyncSession.attach(channel, bridge.frontend_options(),
                                             on_event=bridge.on_event, on_dma=bridge.on_dma)
         await bridge.start(session)        # sockets listening: start QEMU now
@@ -1266,23 +1580,35 @@ class VfioUserBridge:
         *,
         access_timeout: float = ACCESS_TIMEOUT,
         mirror_msix_mask: bool = True,
+        memory_mode: MemoryMode = "shared",
+        dma_layout: DmaLayout = "spec",
     ) -> None:
+        if memory_mode not in ("shared", "messages"):
+            raise ValueError(f"memory mode {memory_mode!r} is not 'shared' or 'messages'")
+        if dma_layout not in DMA_LAYOUTS:
+            raise ValueError(f"DMA layout {dma_layout!r} is not one of {', '.join(DMA_LAYOUTS)}")
+        self.dma_layout: DmaLayout = dma_layout
         self.socket_dir = Path(socket_dir)
         self.access_timeout = access_timeout
         self.mirror_msix_mask = mirror_msix_mask
+        self.memory_mode: MemoryMode = memory_mode
+        self.memory: MemoryMirror | None = None  # shared mode, once started
         self.devices: dict[int, Device] = {}  # by device_id
         self._link: ServerLink | None = None
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._connections: set[Connection] = set()
 
-    @staticmethod
-    def frontend_options(name: str = "") -> FrontendOptions:
+    def frontend_options(self, name: str = "") -> FrontendOptions:
+        """The Hello for this bridge. Shared mode starts with an empty map: QEMU
+        connects, and sends its DMA_MAPs, only after the session exists."""
         return FrontendOptions(
             name=name or f"vfio-user bridge (pid {os.getpid()})",
             msi=True,  # QEMU delivers MSI-X itself; the server must present the capability
             bar64=True,
-            memory_mode=pb.MEMORY_MODE_NONE,
+            memory_mode=pb.MEMORY_MODE_SHARED
+            if self.memory_mode == "shared"
+            else pb.MEMORY_MODE_DMA_MESSAGES,
         )
 
     @property
@@ -1299,6 +1625,8 @@ class VfioUserBridge:
     async def start(self, session: SessionLike) -> dict[str, Path]:
         """Listen on one socket per device; returns them by device name."""
         self._link = ServerLink(session, self.access_timeout)
+        if self.memory_mode == "shared":
+            self.memory = MemoryMirror(self._link)
         try:
             for info in session.topology.devices:
                 path = self.socket_dir / socket_name(info)
@@ -1449,6 +1777,8 @@ class VfioUserBridge:
         for connection in list(self._connections):
             connection.close()
         self._connections.clear()
+        if self.memory is not None:
+            await self.memory.close()
         for device in self.devices.values():
             device.handler = None
             with contextlib.suppress(FileNotFoundError):
@@ -1463,9 +1793,20 @@ async def open_bridge(
     tls: TlsClientFiles | None = None,
     access_timeout: float = ACCESS_TIMEOUT,
     name: str = "",
+    memory_mode: str = "auto",
+    dma_layout: DmaLayout = "spec",
 ) -> AsyncIterator[VfioUserBridge]:
-    """Attach to the device server and listen for QEMU; everything is closed on exit."""
-    bridge = VfioUserBridge(socket_dir, access_timeout=access_timeout)
+    """Attach to the device server and listen for QEMU; everything is closed on exit.
+
+    `memory_mode`: "shared", "messages", or "auto" (shared when the server is
+    reached over a UNIX socket, so it runs on this host).
+    """
+    bridge = VfioUserBridge(
+        socket_dir,
+        access_timeout=access_timeout,
+        memory_mode=resolve_memory_mode(memory_mode, devserver_target),
+        dma_layout=dma_layout,
+    )
     channel = open_channel(devserver_target, tls)
     try:
         session = await AsyncSession.attach(
@@ -1475,6 +1816,12 @@ async def open_bridge(
             on_dma=bridge.on_dma,
         )
         try:
+            if bridge.memory_mode == "shared" and session.welcome.protocol_minor < 1:
+                raise ClientError(
+                    f"the device server speaks protocol {session.welcome.protocol_major}."
+                    f"{session.welcome.protocol_minor}, which cannot follow QEMU's memory "
+                    "map (MemoryMapUpdate, 1.1); use --memory-mode messages or a newer server"
+                )
             await bridge.start(session)
             yield bridge
         finally:
@@ -1492,12 +1839,19 @@ async def run_bridge(
     access_timeout: float = ACCESS_TIMEOUT,
     ready: Callable[[VfioUserBridge], None] | None = None,
     stop: asyncio.Event | None = None,
+    memory_mode: str = "auto",
+    dma_layout: DmaLayout = "spec",
 ) -> None:
     """Run a bridge for every device of the server at `devserver_target` until `stop`
     is set (or the task is cancelled). `ready` is called once the sockets listen:
     that is when QEMU may start."""
     async with open_bridge(
-        devserver_target, socket_dir, tls=tls, access_timeout=access_timeout
+        devserver_target,
+        socket_dir,
+        tls=tls,
+        access_timeout=access_timeout,
+        memory_mode=memory_mode,
+        dma_layout=dma_layout,
     ) as bridge:
         if ready is not None:
             ready(bridge)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,16 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devmodel.v1 import devmodel_pb2 as pb
-from devserver.effects import Effect, IntxChanged, MsiRaised
-from vmm_client.client import ClientError
+from devserver.effects import AddressRange, Effect, IntxChanged, MsiRaised
+from vmm_client.client import ClientError, MemoryRegion
 from vmm_client.vfio_user.__main__ import build_parser
 from vmm_client.vfio_user.bridge import (
     Device,
     DeviceHandler,
     DmaError,
+    MemoryMirror,
     ServerLink,
     VfioUserBridge,
     device_layout,
+    resolve_memory_mode,
     socket_name,
 )
 from vmm_client.vfio_user.protocol import (
@@ -129,6 +131,11 @@ class FakeSession:
     def dma_reply(self, request_id: int, data: bytes = b"", error: str = "") -> None:
         self.calls.append(("dma_reply", request_id, data, error))
 
+    async def memory_map_update(
+        self, add: Sequence[MemoryRegion] = (), remove: Sequence[AddressRange] = ()
+    ) -> None:
+        await self._enter("memory_map_update", tuple(add), tuple(remove))
+
 
 @dataclass
 class Rig:
@@ -171,7 +178,7 @@ class Rig:
         self.session.calls.clear()
 
 
-def make_rig(timeout: float = 1.0) -> Rig:
+def make_rig(timeout: float = 1.0, memory: bool = False) -> Rig:
     session = FakeSession()
     info = session.topology.devices[0]
     device = Device(info, device_layout(info), socket_path=Path("/x"))
@@ -180,7 +187,8 @@ def make_rig(timeout: float = 1.0) -> Rig:
     async def send(data: bytes) -> None:
         sent.append(data)
 
-    handler = DeviceHandler(device, ServerLink(session, timeout), send)
+    link = ServerLink(session, timeout)
+    handler = DeviceHandler(device, link, send, memory=MemoryMirror(link) if memory else None)
     device.handler = handler
     return Rig(session, device, handler, sent)
 
@@ -612,8 +620,9 @@ async def test_dma_through_messages(rig: Rig) -> None:
     (request,) = rig.sent
     header = Header.decode(request)
     assert header.command == Command.DMA_READ and header.is_command
-    assert DmaAccess.decode(request[16:]) == DmaAccess(0x2010, 4)
-    payload = struct.pack("<QI4x", 0x2010, 4) + b"data"
+    assert request[16:] == struct.pack("<QQ", 0x2010, 4)  # QEMU needs >= 32 bytes
+    # QEMU 11.1's reply: address, u64 count, data at payload offset 16.
+    payload = struct.pack("<QQ", 0x2010, 4) + b"data"
     rig.handler.handle_reply(
         Message(Header(header.msg_id, Command.DMA_READ, 16 + len(payload), TYPE_REPLY), payload)
     )
@@ -622,6 +631,8 @@ async def test_dma_through_messages(rig: Rig) -> None:
     write = asyncio.create_task(rig.handler.dma_write(0x2020, b"xy"))
     await asyncio.sleep(0)
     header = Header.decode(rig.sent[1])
+    assert header.size == 32 + 2  # what QEMU's count check needs
+    assert rig.sent[1][16:] == struct.pack("<QQ", 0x2020, 2) + b"xy"
     assert DmaAccess.decode(rig.sent[1][16:]) == DmaAccess(0x2020, 2, b"xy")
     rig.handler.handle_reply(
         Message(
@@ -648,6 +659,77 @@ async def test_dma_request_timeout() -> None:
     # A late reply is dropped with a warning, not an error.
     late = Header.decode(r.sent[0])
     r.handler.handle_reply(Message(Header(late.msg_id, Command.DMA_READ, 16, TYPE_REPLY), b""))
+
+
+async def test_shared_mode_announces_ram_windows_and_withdraws_them(ram: int) -> None:
+    r = make_rig(memory=True)
+    await r.negotiate()
+    (mine,) = dup([ram])
+    await r.ok(Command.DMA_MAP, dma_map(0x10000, 0x4000, flags=3), (mine,))
+    await r.ok(Command.DMA_MAP, dma_map(0xFFFC0000, 0x40000, flags=1))  # ROM: no fd
+    ((add, remove),) = r.calls("memory_map_update")
+    assert remove == ()
+    assert add == (
+        MemoryRegion(0x10000, 0x4000, path=f"/proc/{os.getpid()}/fd/{mine}", file_offset=0),
+    )
+    unmap = struct.pack("<IIQQ", 24, 0, 0x10000, 0x4000)
+    await r.ok(Command.DMA_UNMAP, unmap)
+    assert r.calls("memory_map_update")[1] == ((), (AddressRange(0x10000, 0x4000),))
+    assert not is_open(mine)  # closed once the server had let go
+    await r.ok(Command.DMA_UNMAP, struct.pack("<IIQQ", 24, 0, 0xFFFC0000, 0x40000))
+    assert len(r.calls("memory_map_update")) == 2  # nothing to tell about the ROM
+    r.handler.close()
+
+
+async def test_read_only_window_is_announced_read_only(ram: int) -> None:
+    r = make_rig(memory=True)
+    await r.negotiate()
+    await r.ok(Command.DMA_MAP, dma_map(0, 0x1000, flags=1), dup([ram]))
+    ((add, _),) = r.calls("memory_map_update")
+    assert isinstance(add, tuple) and add[0].read_only
+    r.handler.close()
+
+
+async def test_a_server_that_refuses_the_map_does_not_fail_dma_map(
+    ram: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU treats a failed DMA_MAP as fatal; the device's DMA fails instead."""
+    r = make_rig(memory=True)
+    await r.negotiate()
+    r.session.error = ClientError("gone")
+    (mine,) = dup([ram])
+    assert await r.ok(Command.DMA_MAP, dma_map(0, 0x1000), (mine,)) == b""
+    assert "did not take RAM window" in caplog.text
+    assert r.handler.link.lost is not None
+    r.handler.close()
+    await asyncio.sleep(0)  # the mirror's last sync runs, and closes the fd
+    assert not is_open(mine)
+
+
+async def test_a_map_update_that_times_out_loses_the_server(ram: int) -> None:
+    """The server may still apply it: the mirror cannot know its map, so it stops."""
+    r = make_rig(timeout=0.05, memory=True)
+    await r.negotiate()
+    r.session.hang = True
+    await r.ok(Command.DMA_MAP, dma_map(0, 0x1000), dup([ram]))
+    assert r.handler.link.lost is not None and "memory map update" in r.handler.link.lost
+    r.handler.close()
+    await asyncio.sleep(0)
+
+
+async def test_disconnect_withdraws_ram_and_closes_fds_after(ram: int) -> None:
+    r = make_rig(memory=True)
+    await r.negotiate()
+    fds = dup([ram, ram])
+    await r.ok(Command.DMA_MAP, dma_map(0x0, 0x1000), fds[:1])
+    await r.ok(Command.DMA_MAP, dma_map(0x1000, 0x1000, offset=0x1000), fds[1:])
+    r.handler.close()
+    assert all(is_open(fd) for fd in fds)  # the server may still be opening them
+    for _ in range(10):
+        await asyncio.sleep(0)
+    (_, remove) = r.calls("memory_map_update")[-1]
+    assert remove == (AddressRange(0x0, 0x1000), AddressRange(0x1000, 0x1000))
+    assert not any(is_open(fd) for fd in fds)
 
 
 # ---------------------------------------------------------------- bridge-level helpers
@@ -722,6 +804,23 @@ def test_cli_parser() -> None:
     args = build_parser().parse_args(["--socket-dir", "/tmp/x", "--print-qemu-args"])
     assert args.socket_dir == Path("/tmp/x") and args.print_qemu_args
     assert args.devserver.startswith("unix:") and args.timeout == 4.0
+    assert args.memory_mode == "auto"
+    assert build_parser().parse_args(["--memory-mode", "messages"]).memory_mode == "messages"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--memory-mode", "magic"])
+
+
+def test_memory_mode_choice() -> None:
+    assert resolve_memory_mode("auto", "unix:/run/dev.sock") == "shared"
+    assert resolve_memory_mode("auto", "10.0.0.2:7000") == "messages"
+    assert resolve_memory_mode("shared", "10.0.0.2:7000") == "shared"
+    assert resolve_memory_mode("messages", "unix:/x") == "messages"
+    with pytest.raises(ValueError):
+        resolve_memory_mode("magic", "unix:/x")
+    shared = VfioUserBridge(Path("/x")).frontend_options("t")
+    assert shared.memory_mode == pb.MEMORY_MODE_SHARED and not shared.regions
+    messages = VfioUserBridge(Path("/x"), memory_mode="messages").frontend_options("t")
+    assert messages.memory_mode == pb.MEMORY_MODE_DMA_MESSAGES
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmm_client.vfio_user.protocol import (
+    DMA_DATA_OFFSET_U32_COUNT,
     FLAG_ERROR,
     FLAG_NO_REPLY,
     HEADER_SIZE,
@@ -370,15 +371,34 @@ def test_region_write_count_must_match_data() -> None:
         RegionAccess.decode_reply(struct.pack("<QII", 0, 0, 2) + b"abc")
 
 
-def test_dma_access() -> None:
-    request = DmaAccess(0x2981000, 5, b"hello")
-    encoded = request.encode()
-    assert encoded[:16] == struct.pack("<QQ", 0x2981000, 5)  # count is u64 in the spec
-    assert DmaAccess.decode(encoded) == request
-    # QEMU's reply: count as u32 plus 4 bytes of padding, data at offset 16.
-    reply = struct.pack("<QI4x", 0x2981000, 5) + b"hello"
-    assert DmaAccess.decode(reply) == request
-    assert DmaAccess.decode(struct.pack("<QI", 0x1000, 0)) == DmaAccess(0x1000, 0)
+def test_dma_access_in_the_spec_layout() -> None:
+    """The spec, libvfio-user and QEMU 11.1 on the wire: u64 address, u64 count, data at 16."""
+    write = DmaAccess(0x2981000, 5, b"hello")
+    encoded = write.encode()
+    assert encoded == struct.pack("<QQ", 0x2981000, 5) + b"hello"
+    assert 16 + len(encoded) == 32 + 5  # QEMU refuses count > size - 32
+    assert DmaAccess.decode(encoded) == write
+    # QEMU 11.1's reply to a 4-byte DMA_READ, as seen on the wire (36 bytes).
+    reply = bytes.fromhex("00f000000000000004000000000000000df0feca")
+    assert DmaAccess.decode(reply) == DmaAccess(0xF000, 4, bytes.fromhex("0df0feca"))
+    assert DmaAccess(0x1000, 8).encode() == struct.pack("<QQ", 0x1000, 8)
+    assert DmaAccess.decode(struct.pack("<QQ", 0x1000, 0)) == DmaAccess(0x1000, 0)
+
+
+def test_dma_access_with_a_u32_count() -> None:
+    """QEMU's first-merged VFIOUserDMARW: u32 count, data at offsetof(data) - 16 = 12,
+    messages sizeof(VFIOUserDMARW) + count = 32 + count bytes long."""
+    write = DmaAccess(0x2981000, 5, b"hello")
+    encoded = write.encode(DMA_DATA_OFFSET_U32_COUNT)
+    assert encoded == struct.pack("<QI", 0x2981000, 5) + b"hello" + bytes(4)
+    assert 16 + len(encoded) == 32 + 5
+    assert DmaAccess.decode(encoded, DMA_DATA_OFFSET_U32_COUNT) == write
+    # A read request carries no data and is the same 16 bytes in both layouts.
+    assert DmaAccess(0x1000, 8).encode(DMA_DATA_OFFSET_U32_COUNT) == struct.pack("<QQ", 0x1000, 8)
+    with pytest.raises(ValueError, match="u32"):
+        DmaAccess(0, 1 << 32).encode(DMA_DATA_OFFSET_U32_COUNT)
+    with pytest.raises(ValueError):
+        DmaAccess.decode(encoded, 8)
 
 
 def test_write_multi() -> None:
