@@ -83,3 +83,16 @@ def test_vmm_client_says_when_the_server_is_not_there(tmp_path: Path) -> None:
     result = run("-m", "vmm_client", "probe", "--devserver", f"unix:{tmp_path}/none.sock")
     assert result.returncode == 1
     assert "cannot reach the device server" in result.stderr
+
+
+def test_vmm_client_qemu_checks_device_specs_before_booting() -> None:
+    result = run("-m", "vmm_client", "qemu", "--device", "nosuch")
+    assert result.returncode == 1
+    assert "unknown device type 'nosuch'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_vmm_client_qemu_takes_a_server_or_devices_not_both() -> None:
+    result = run("-m", "vmm_client", "qemu", "--devserver", "unix:/x", "--device", "pci-testdev")
+    assert result.returncode != 0
+    assert "either --devserver or --device" in result.stderr

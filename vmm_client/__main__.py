@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from devserver.errors import ConfigError
 from devserver.service.server import default_socket_path
 
 from .client import ClientError, FrontendOptions, TlsClientFiles, open_channel
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         "device server, through the vfio-user bridge",
     )
     _add_connection_flags(qemu)
+    qemu.add_argument(
+        "--device",
+        metavar="TYPE[,key=value...]",
+        action="append",
+        default=[],
+        help="start a private device server with these devices (repeatable; the same specs "
+        "as python -m devserver --device) instead of using --devserver",
+    )
     qemu.add_argument(
         "--script",
         help="shell script to run in the guest (default: show the served devices with lspci -vv)",
@@ -127,6 +136,18 @@ async def _probe(args: argparse.Namespace) -> int:
 
 
 async def _qemu(args: argparse.Namespace) -> int:
+    from .qemu.frontend import private_devserver
+
+    if not args.device:
+        return await _qemu_on(args)
+    if args.devserver_given:
+        raise SystemExit("vmm_client: error: give either --devserver or --device, not both")
+    async with private_devserver(args.device) as address:
+        args.devserver = address
+        return await _qemu_on(args)
+
+
+async def _qemu_on(args: argparse.Namespace) -> int:
     from .qemu.frontend import boot_served_guest
 
     print(f"booting a Linux guest under QEMU with the devices of {args.devserver} ...", flush=True)
@@ -151,7 +172,9 @@ async def _qemu(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.devserver_given = any(a == "--devserver" or a.startswith("--devserver=") for a in argv)
     try:
         if args.command == "probe":
             return asyncio.run(_probe(args))
@@ -162,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as e:
         print(f"vmm_client: error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # QEMU or guest image problems (GuestError, HostError)
+    except (RuntimeError, ConfigError) as e:  # QEMU, guest image or device-spec problems
         print(f"vmm_client: error: {e}", file=sys.stderr)
         return 1
     return 2

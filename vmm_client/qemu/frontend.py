@@ -8,8 +8,10 @@ drivers drive our device models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ..client import TlsClientFiles
@@ -69,3 +71,43 @@ def _run(
         memory_mb=memory_mb,
         on_output=on_output,
     )
+
+
+@contextlib.asynccontextmanager
+async def private_devserver(devices: Sequence[str], timeout: float = 30.0) -> AsyncIterator[str]:
+    """Run a device server with `devices` (--device specs) on a private socket.
+
+    For one-command use (`python -m vmm_client qemu --device ...`): the specs
+    are checked here first, so a typo is reported before anything starts.
+    """
+    from devserver.config import parse_device_spec
+
+    for spec in devices:
+        parse_device_spec(spec)  # raises ConfigError with the reason
+    with tempfile.TemporaryDirectory(prefix="devmodel-srv-") as directory:
+        sock = Path(directory) / "run" / "devserver.sock"
+        argv = [sys.executable, "-m", "devserver", "--listen", f"unix:{sock}"]
+        argv += ["--log-level", "warning"]
+        for spec in devices:
+            argv += ["--device", spec]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not sock.exists():
+                if proc.returncode is not None:
+                    err = await proc.stderr.read() if proc.stderr else b""
+                    raise RuntimeError(f"the device server did not start: {err.decode().strip()}")
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"the device server did not listen within {timeout} s")
+                await asyncio.sleep(0.05)
+            yield f"unix:{sock}"
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
