@@ -34,14 +34,9 @@ from devserver.config import parse_device_spec
 from devserver.devices.testdev import ID_VALUE, MEM_BAR, MSIX_BAR
 from devserver.service.server import DevServer, Listen
 from vmm_client.client import AsyncSession, open_channel
-from vmm_client.vfio_user.bridge import (
-    Device,
-    DeviceHandler,
-    DmaLayout,
-    MemoryMode,
-    VfioUserBridge,
-    run_bridge,
-)
+from vmm_client.vfio_user.bridge import DmaLayout, VfioUserBridge, run_bridge
+from vmm_client.vfio_user.handler import Device, DeviceHandler
+from vmm_client.vfio_user.link import MemoryMode
 
 HDR = struct.Struct("<HHIII")
 REPLY, NO_REPLY, ERROR = 0x1, 0x10, 0x20

@@ -1,9 +1,11 @@
 """vfio-user bridge: stock QEMU (10.1+, `-device vfio-user-pci`) as a frontend.
 
 `protocol` is the sans-I/O codec of the vfio-user protocol (QEMU
-docs/interop/vfio-user.rst) and imports only the standard library; `bridge`
-is its asyncio shell, which serves one UNIX socket per device and forwards
-every access over the device server's gRPC stream. Run it with
+docs/interop/vfio-user.rst) and imports only the standard library. The
+asyncio shell: `bridge` serves one UNIX socket per device (`Connection`) and
+runs the whole bridge; `handler` answers one device's requests; `link` is the
+one gRPC session all devices share; `irqs` the SET_IRQS eventfds; `dma` the
+DMA_MAP windows and their mirror on the server. Run it with
 `python -m vmm_client.vfio_user`.
 """
 

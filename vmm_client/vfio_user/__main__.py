@@ -29,7 +29,8 @@ from devserver.errors import ConfigError
 from devserver.service.server import default_socket_path
 
 from ..client import ClientError, TlsClientFiles
-from .bridge import ACCESS_TIMEOUT, DMA_LAYOUTS, MEMORY_MODES, VfioUserBridge, run_bridge
+from .bridge import DMA_LAYOUTS, VfioUserBridge, run_bridge
+from .link import ACCESS_TIMEOUT, MEMORY_MODES
 
 
 def default_socket_dir() -> Path:

@@ -20,17 +20,10 @@ from devmodel.v1 import devmodel_pb2 as pb
 from devserver.effects import AddressRange, Effect, IntxChanged, MsiRaised
 from vmm_client.client import ClientError, MemoryRegion
 from vmm_client.vfio_user.__main__ import build_parser
-from vmm_client.vfio_user.bridge import (
-    Device,
-    DeviceHandler,
-    DmaError,
-    MemoryMirror,
-    ServerLink,
-    VfioUserBridge,
-    device_layout,
-    resolve_memory_mode,
-    socket_name,
-)
+from vmm_client.vfio_user.bridge import VfioUserBridge
+from vmm_client.vfio_user.dma import MemoryMirror
+from vmm_client.vfio_user.handler import Device, DeviceHandler, device_layout, socket_name
+from vmm_client.vfio_user.link import DmaError, ServerLink, resolve_memory_mode
 from vmm_client.vfio_user.protocol import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
