@@ -91,7 +91,7 @@ from ..client import (
     open_channel,
 )
 from .dma import MemoryMirror
-from .handler import _SAFE_NAME, Device, DeviceHandler, device_layout, socket_name
+from .handler import SAFE_NAME, Device, DeviceHandler, device_layout, socket_name
 from .irqs import close_fds
 from .link import ACCESS_TIMEOUT, DmaError, MemoryMode, ServerLink, SessionLike, resolve_memory_mode
 from .protocol import (
@@ -463,7 +463,7 @@ class VfioUserBridge:
                 ]
             spec: dict[str, object] = {
                 "driver": "vfio-user-pci",
-                "id": f"vfu-{device.name}" if _SAFE_NAME.fullmatch(device.name) else None,
+                "id": f"vfu-{device.name}" if SAFE_NAME.fullmatch(device.name) else None,
                 "socket": {"type": "unix", "path": os.fspath(device.socket_path)},
             }
             if root_ports:

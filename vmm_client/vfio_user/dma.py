@@ -23,7 +23,7 @@ from devserver.effects import AddressRange
 from ..client import (
     MemoryRegion,
 )
-from .irqs import _Fds, close_fds
+from .irqs import ReceivedFds, close_fds
 from .link import DmaError, ServerLink
 from .protocol import (
     DMA_MAP_FLAG_WRITE,
@@ -360,4 +360,4 @@ class MemoryMirror:
 # ---------------------------------------------------------------- the protocol handler
 
 
-Handler = Callable[[Message, _Fds], Awaitable[bytes | None]]
+Handler = Callable[[Message, ReceivedFds], Awaitable[bytes | None]]

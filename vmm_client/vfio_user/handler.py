@@ -22,7 +22,7 @@ from typing import Final
 from devmodel.v1 import devmodel_pb2 as pb
 
 from .dma import MAX_DMA_MAPS, DmaTable, Handler, MemoryMirror, close_regions
-from .irqs import IrqTable, _Fds, close_fds, is_eventfd
+from .irqs import IrqTable, ReceivedFds, close_fds, is_eventfd
 from .link import DmaError, ServerLink
 from .protocol import (
     DEFAULT_MAX_DATA_XFER,
@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 DMA_TIMEOUT: Final = 5.0
 MAX_MSG_FDS: Final = 8  # offered in VERSION; QEMU sends MSI-X eventfds in chunks of this
-_SAFE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SAFE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PCI_STATUS: Final = 0x06
 _PCI_CAPABILITY_LIST: Final = 0x34
 _PCI_CAP_ID_MSIX: Final = 0x11
@@ -106,7 +106,7 @@ def device_layout(info: pb.DeviceInfo) -> DeviceLayout:
 
 def socket_name(info: pb.DeviceInfo) -> str:
     """A file name for the device's socket: its name when that is safe as one."""
-    if _SAFE_NAME.fullmatch(info.name):
+    if SAFE_NAME.fullmatch(info.name):
         return f"{info.name}.sock"
     return f"device{info.device_id}.sock"
 
@@ -171,7 +171,7 @@ class DeviceHandler:
 
     async def handle(self, message: Message) -> bytes | None:
         header = message.header
-        fds = _Fds(message.fds)
+        fds = ReceivedFds(message.fds)
         try:
             if not header.is_command:
                 raise ProtocolError(f"message type {header.flags & 0xF} is not a command")
@@ -199,7 +199,7 @@ class DeviceHandler:
             fds.close_rest()
 
     @staticmethod
-    def _no_fds(fds: _Fds, what: str) -> None:
+    def _no_fds(fds: ReceivedFds, what: str) -> None:
         if len(fds):
             raise ProtocolError(f"{what} carries {len(fds)} file descriptors; it takes none")
 
@@ -209,7 +209,7 @@ class DeviceHandler:
 
     # -- negotiation and information
 
-    async def _version(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _version(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "VERSION")
         if self.client is not None:
             raise ProtocolError("VERSION was already negotiated")
@@ -239,28 +239,28 @@ class DeviceHandler:
         )
         return self._reply(message, reply.encode())
 
-    async def _get_info(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _get_info(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_GET_INFO")
         DeviceInfo.decode(message.payload)
         return self._reply(message, self.device.layout.device_info().encode())
 
-    async def _region_info(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _region_info(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_GET_REGION_INFO")
         request = RegionInfo.decode(message.payload)
         return self._reply(message, self.device.layout.region(request.index).encode())
 
-    async def _region_io_fds(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _region_io_fds(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_GET_REGION_IO_FDS")
         raise ProtocolError("no region has ioeventfd offload", errno.ENOTSUP)
 
-    async def _irq_info(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _irq_info(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_GET_IRQ_INFO")
         request = IrqInfo.decode(message.payload)
         return self._reply(message, self.device.layout.irq(request.index).encode())
 
     # -- DMA windows
 
-    async def _dma_map(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _dma_map(self, message: Message, fds: ReceivedFds) -> bytes | None:
         request = DmaMap.decode(message.payload)
         if len(fds) > 1:
             raise ProtocolError(f"DMA_MAP carries {len(fds)} file descriptors; at most 1")
@@ -286,7 +286,7 @@ class DeviceHandler:
                     )
         return self._reply(message)
 
-    async def _dma_unmap(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _dma_unmap(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DMA_UNMAP")
         request = DmaUnmap.decode(message.payload)
         if request.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
@@ -307,7 +307,7 @@ class DeviceHandler:
 
     # -- interrupts
 
-    async def _set_irqs(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _set_irqs(self, message: Message, fds: ReceivedFds) -> bytes | None:
         request = IrqSet.decode(message.payload)
         info = self.device.layout.irq(request.index)
         index = request.index
@@ -496,7 +496,7 @@ class DeviceHandler:
                 errno.E2BIG,
             )
 
-    async def _region_read(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _region_read(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "REGION_READ")
         request = RegionAccess.decode_read(message.payload)
         self._check_count(request.count)
@@ -505,7 +505,7 @@ class DeviceHandler:
         reply = RegionAccess(request.offset, request.region, request.count, data)
         return self._reply(message, reply.encode())
 
-    async def _region_write(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _region_write(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "REGION_WRITE")
         request = RegionAccess.decode_write(message.payload)
         self._check_count(request.count)
@@ -516,7 +516,7 @@ class DeviceHandler:
         reply = RegionAccess(request.offset, request.region, request.count)
         return self._reply(message, reply.encode())
 
-    async def _write_multi(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _write_multi(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "REGION_WRITE_MULTI")
         request = WriteMulti.decode(message.payload)
         for w in request.writes:  # all or nothing
@@ -525,7 +525,7 @@ class DeviceHandler:
             await self._write(w.region, w.offset, w.data, posted=True)
         return self._reply(message, len(request.writes).to_bytes(8, "little"))
 
-    async def _reset(self, message: Message, fds: _Fds) -> bytes | None:
+    async def _reset(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_RESET")
         if not await self.link.reset(self.info):
             raise ProtocolError("the device server is unreachable", errno.ENODEV)

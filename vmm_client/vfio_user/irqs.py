@@ -46,7 +46,7 @@ def signal_eventfd(fd: int) -> None:
         log.debug("eventfd %d: %s", fd, e)
 
 
-class _Fds:
+class ReceivedFds:
     """The descriptors of one message: handlers take the ones they keep; the rest close."""
 
     __slots__ = ("fds", "taken")
