@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow plain TCP on a non-loopback address (anyone who connects drives the devices)",
     )
     parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (off by default)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -82,7 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if path is not None and not path.is_file():
                     raise ConfigError(f"TLS file {path} does not exist")
             tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
-        server = DevServer(specs, listen, tls, insecure_tcp=args.insecure_tcp)
+        metrics = None
+        if args.metrics is not None:
+            where = parse_listen(args.metrics)
+            if where.unix_path is not None:
+                raise ConfigError("--metrics takes HOST:PORT (HTTP), not a unix: path")
+            metrics = (where.host, where.port)
+        server = DevServer(specs, listen, tls, insecure_tcp=args.insecure_tcp, metrics=metrics)
     except ConfigError as e:
         parser.exit(2, f"devserver: error: {e}\n")
 

@@ -17,6 +17,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,7 @@ from devmodel.v1 import devmodel_pb2, devmodel_pb2_grpc
 
 from ..config import DeviceSpec
 from ..errors import ConfigError
+from .metrics import CountersCollector, serve_metrics
 from .protocol import MAX_MESSAGE_BYTES, SERVICE_NAME
 from .servicer import DeviceModelServicer
 
@@ -133,6 +135,7 @@ class DevServer:
         listen: Listen,
         tls: TlsFiles | None = None,
         insecure_tcp: bool = False,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         if (
             listen.unix_path is None
@@ -147,6 +150,9 @@ class DevServer:
         self.listen = listen
         self.tls = tls
         self.servicer = DeviceModelServicer(specs)
+        self.metrics = metrics
+        self.metrics_port = 0
+        self._metrics_server: WSGIServer | None = None
         self.address = ""
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -198,10 +204,28 @@ class DevServer:
             os.chmod(self.listen.unix_path, 0o600)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics is not None:
+            collector = CountersCollector(
+                self.servicer.counters,
+                lambda: self.servicer.attached,
+                self.servicer.device_names,
+            )
+            try:
+                self._metrics_server, self.metrics_port = serve_metrics(*self.metrics, collector)
+            except OSError as e:
+                await self.stop(0)
+                raise ConfigError(
+                    f"cannot serve metrics on {self.metrics[0]}:{self.metrics[1]}: {e}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", self.metrics[0], self.metrics_port)
         log.info("devserver listening on %s", self.address)
         return self.address
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self.server is None:
             return
         await self.health.enter_graceful_shutdown()

@@ -130,6 +130,14 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         self._session: Session | None = None
         self._next_session = 1
 
+    @property
+    def attached(self) -> bool:
+        return self._session is not None
+
+    def device_names(self) -> dict[int, str]:
+        bus = self._session.bus if self._session is not None else self._default_bus
+        return {function.device_id: function.name for _, function in bus}
+
     # -- control RPCs
 
     async def GetTopology(

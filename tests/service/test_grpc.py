@@ -410,3 +410,32 @@ async def test_mtls_accepts_our_client_and_refuses_others(pki: Pki) -> None:
                 await get_topology(plain)
     finally:
         await srv.stop(0)
+
+
+# -- Prometheus
+
+
+async def test_prometheus_metrics_follow_the_counters(tmp_path: Path) -> None:
+    import urllib.request
+
+    srv = DevServer(
+        [parse_device_spec("pci-testdev,name=probe-me")],
+        Listen(unix_path=tmp_path / "run" / "dev.sock"),
+        metrics=("127.0.0.1", 0),
+    )
+    await srv.start()
+    try:
+        async with open_channel(srv.address) as channel:
+            s = await AsyncSession.attach(channel, FrontendOptions("metrics"))
+            await s.config_read(0, SLOT, 0, 0, 4)
+            s.bar_write(SLOT, 0, 4, 4, 1)
+            await s.bar_read(SLOT, 0, 4, 4)
+            url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
+            text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
+            await s.close()
+    finally:
+        await srv.stop(0)
+    assert "devmodel_sessions_total 1.0" in text
+    assert "devmodel_frontend_attached 1.0" in text
+    assert 'devmodel_device_config_reads_total{device_id="1",name="probe-me"} 1.0' in text
+    assert 'devmodel_device_bar_writes_total{device_id="1",name="probe-me"} 1.0' in text
