@@ -1,6 +1,8 @@
 """`python -m vmm_client`: frontends of the device server.
 
 python -m vmm_client probe [--devserver ADDR]   enumerate and program the bus like a guest
+python -m vmm_client qemu ...                   boot Linux under QEMU through the vfio-user bridge
+python -m vmm_client run --guest-program FILE   run a freestanding program in our KVM VMM
 """
 
 from __future__ import annotations
@@ -73,7 +75,98 @@ def build_parser() -> argparse.ArgumentParser:
         help="how device DMA reaches guest RAM (see python -m vmm_client.vfio_user --help; "
         "default: %(default)s)",
     )
+    run = sub.add_parser(
+        "run",
+        help="run a freestanding guest program (ELF, or flat binary at 1 MiB) in our own KVM "
+        "VMM, its PCI devices served by the device server",
+    )
+    _add_connection_flags(run)
+    run.add_argument(
+        "--guest-program",
+        type=Path,
+        metavar="FILE",
+        help="64-bit program entered in long mode (build vmm_client/kvm/guest/pcitest.c with "
+        "--build-pcitest)",
+    )
+    run.add_argument(
+        "--build-pcitest",
+        action="store_true",
+        help="build and run the bundled PCI test program (needs gcc)",
+    )
+    run.add_argument("--kernel", type=Path, help="a Linux kernel (not implemented yet)")
+    run.add_argument(
+        "-m", "--memory", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M (default: 64M)"
+    )
+    run.add_argument("--timeout", type=float, default=120.0, help="seconds (default: %(default)s)")
+    run.add_argument(
+        "--no-devserver", action="store_true", help="run without PCI devices (no server needed)"
+    )
+    run.add_argument(
+        "--ring3",
+        action="store_true",
+        help="enter the program at ring 3 with IOPL 3 (kvm_pvm runs ring 3 natively)",
+    )
     return parser
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '65536' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in units else text
+    if not digits.isdigit():
+        raise SystemExit(f"vmm_client: error: memory size {text!r} is not like 64M or 1G")
+    return int(digits) * scale
+
+
+def _run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .kvm.guest.build import build_pcitest
+    from .kvm.runner import run_program
+    from .kvm.vm import PVM_NOTE, kvm_flavour
+
+    if args.kernel is not None:
+        print(
+            "vmm_client: error: Linux boot is not implemented in the KVM frontend yet; "
+            "use `python -m vmm_client qemu` to boot Linux against the device server",
+            file=sys.stderr,
+        )
+        if kvm_flavour() == "pvm":
+            print(f"note: {PVM_NOTE}", file=sys.stderr)
+        return 2
+    if (args.guest_program is None) == (not args.build_pcitest):
+        raise SystemExit("vmm_client: error: give --guest-program FILE or --build-pcitest")
+    if kvm_flavour() == "pvm":
+        print(f"note: {PVM_NOTE}", file=sys.stderr)
+    if args.build_pcitest:
+        with tempfile.TemporaryDirectory(prefix="pcitest-") as directory:
+            image = build_pcitest(Path(directory)).read_bytes()
+    else:
+        image = args.guest_program.read_bytes()
+    run = run_program(
+        image,
+        None if args.no_devserver else args.devserver,
+        memory=parse_size(args.memory),
+        timeout=args.timeout,
+        tls=_tls(args),
+        user=args.ring3,
+    )
+    sys.stdout.flush()
+    result = run.result
+    exits = ", ".join(f"{n} {k}" for k, n in sorted(result.exits.items()))
+    print(
+        f"guest ended: {result.reason}"
+        + (f" status {result.status}" if result.status is not None else "")
+        + (f": {result.message}" if result.message else "")
+        + f" after {result.seconds:.2f} s ({exits}; {run.config_accesses} config and "
+        f"{run.bar_accesses} BAR accesses forwarded, {run.msis} MSIs)",
+        file=sys.stderr,
+    )
+    if result.reason == "exit-port" and result.status is not None:
+        return min(result.status, 125)
+    return 1
 
 
 DEFAULT_GUEST_SCRIPT = """\
@@ -182,10 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             import uvloop
 
             return uvloop.run(_qemu(args))
+        if args.command == "run":
+            return _run(args)
     except ClientError as e:
         print(f"vmm_client: error: {e}", file=sys.stderr)
         return 1
-    except (RuntimeError, ConfigError) as e:  # QEMU, guest image or device-spec problems
+    except (RuntimeError, ConfigError, OSError) as e:  # QEMU, KVM, guest image or spec problems
         print(f"vmm_client: error: {e}", file=sys.stderr)
         return 1
     return 2

@@ -1,0 +1,1 @@
+"""The freestanding guest test program and its build."""
