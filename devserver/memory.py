@@ -272,6 +272,20 @@ class RegionMemory(Generic[B]):
             return entry.value.read_at(offset, take)
         return b"".join(entry.value.read_at(offset, take) for entry, offset, take in pieces)
 
+    def check_ram(self, gpa: int, length: int) -> None:
+        """GuestMemoryError unless [gpa, gpa + length) is all RAM; no MAX_ACCESS cap,
+        so a device can vet a guest buffer (a 4 MiB block write) before touching it."""
+        if not 0 <= gpa < ADDRESS_SPACE or not 0 <= length <= ADDRESS_SPACE - gpa:
+            raise GuestMemoryError(f"[{gpa:#x} +{length:#x}) is not a 64-bit guest range")
+        at, end = gpa, gpa + length
+        while at < end:  # one step per region: bounded by MAX_REGIONS
+            entry = self.regions.find(at)
+            if entry is None:
+                raise GuestMemoryError(
+                    f"[{gpa:#x} +{length:#x}) reaches {at:#x}, outside guest RAM"
+                )
+            at = entry.end
+
     def write(self, gpa: int, data: bytes) -> None:
         pieces = self.regions.resolve(gpa, len(data))
         for entry, _, _ in pieces:  # all or nothing: check every piece first

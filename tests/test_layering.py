@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORE = [
     *sorted((ROOT / "devserver" / "pci").glob("*.py")),
+    *sorted((ROOT / "devserver" / "virtio").glob("*.py")),
     *sorted((ROOT / "devserver" / "devices").rglob("*.py")),
     ROOT / "devserver" / "effects.py",
     ROOT / "devserver" / "memory.py",
