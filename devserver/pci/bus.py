@@ -119,6 +119,11 @@ class PciBus:
     ) -> list[Effect]:
         return self.function(device_id).bar_write(bar, offset, size, value)
 
+    def take_effects(self, device_id: int) -> list[Effect]:
+        """Effects a function produced outside a write (a read-to-clear register
+        lowering INTx, work finished later); shells collect them after reads."""
+        return self.function(device_id).take_effects()
+
     def decoding(self) -> dict[BarKey, AddressRange]:
         """What decodes now, by BAR."""
         return dict(self._active)

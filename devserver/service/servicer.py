@@ -330,12 +330,15 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             r = request.bar_read
             value = bus.bar_read(r.device_id, r.bar, r.offset, r.size)
             counters[r.device_id].bar_reads += 1
+            # A read can have effects (virtio's ISR read-to-clear lowers INTx).
+            self._emit(session, bus.take_effects(r.device_id), items)
             items.append(pb.ServerItem(reply=pb.Reply(seq=request.seq, value=value)))
         elif kind == "config_read":
             c = request.config_read
             value = bus.config_read(c.bus, c.device, c.function, c.offset, c.size)
             if bus.at(c.bus, c.device, c.function) is not None:
                 counters[c.device].config_reads += 1
+                self._emit(session, bus.take_effects(c.device), items)
             items.append(pb.ServerItem(reply=pb.Reply(seq=request.seq, value=value)))
         elif kind == "config_write":
             w = request.config_write

@@ -439,3 +439,29 @@ async def test_prometheus_metrics_follow_the_counters(tmp_path: Path) -> None:
     assert "devmodel_frontend_attached 1.0" in text
     assert 'devmodel_device_config_reads_total{device_id="1",name="probe-me"} 1.0' in text
     assert 'devmodel_device_bar_writes_total{device_id="1",name="probe-me"} 1.0' in text
+
+
+async def test_effects_of_a_read_go_out_before_its_reply(server: DevServer) -> None:
+    """A read can change state (read-to-clear registers); its events still come first."""
+    from devserver.pci.bus import PciBus
+
+    seen: list[object] = []
+    async with open_channel(server.address) as channel:
+        s = await AsyncSession.attach(channel, FrontendOptions("t"), on_event=seen.append)
+        session = server.servicer._session
+        assert session is not None
+        bus: PciBus = session.bus
+        # Stand-in for a read-to-clear register: the device lowers INTx during a read.
+        function = bus.function(SLOT)
+        original = function.read_bar
+
+        def read_and_lower(bar: int, offset: int, size: int) -> int:
+            function.set_intx(False)
+            return original(bar, offset, size)
+
+        function.set_intx(True)
+        function.take_effects()
+        function.read_bar = read_and_lower  # type: ignore[method-assign]
+        await s.bar_read(SLOT, testdev.IO_BAR, testdev.REG_ID, 4)
+        assert seen == [IntxChanged(SLOT, 1, False)]
+        await s.close()
