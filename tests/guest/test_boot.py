@@ -101,3 +101,26 @@ def test_virtio_drivers_bind(guest: tuple[QemuTree, GuestImage], tmp_path: Path)
     assert lines[:2] == ["1", "1"], r.output
     assert lines[2].startswith("00000000  ab ab"), r.output
     assert lines[3] == "over 9p"
+
+
+def test_every_tool_set_runs_in_the_guest(guest: tuple[QemuTree, GuestImage]) -> None:
+    """The tools device tests ask for (storage, network, benchmarks) build and run."""
+    from vmm_client.guest.image import ALL_TOOLS
+
+    tree, _ = guest
+    image = build_image(tools=ALL_TOOLS)
+    script = (
+        "mkfs.ext4 -V 2>&1 | head -1\n"
+        "dd if=/dev/zero of=/tmp/fs.img bs=1M count=8 2>/dev/null\n"
+        "mkfs.ext4 -q -F /tmp/fs.img && e2fsck -fn /tmp/fs.img >/dev/null && echo fs-ok\n"
+        "sg_inq --version 2>&1 | head -1\n"
+        "ip -V\n"
+        "ip link show lo | head -1\n"
+        "fio --version\n"
+    )
+    r = boot(image, tree, script)
+    assert r.exit_status == 0, r.console
+    assert "fs-ok" in r.output
+    assert "iproute2" in r.output
+    assert "lo:" in r.output
+    assert "fio-" in r.output

@@ -60,8 +60,12 @@ from vmm_client.qemu.hostutil import (
 )
 
 __all__ = [
+    "ALL_TOOLS",
+    "BENCH_TOOLS",
     "DEFAULT_MODULES",
     "DEFAULT_TOOLS",
+    "NETWORK_TOOLS",
+    "STORAGE_TOOLS",
     "GuestImage",
     "GuestTool",
     "ImageError",
@@ -100,6 +104,16 @@ class GuestTool:
 DEFAULT_TOOLS: tuple[GuestTool, ...] = (
     GuestTool("pciutils", ("lspci", "setpci"), ("/usr/share/misc/pci.ids",)),
 )
+
+# What device tests add on top, by need; each set costs image size and boot
+# time (fio alone brings 79 packages), so a test asks only for what it uses.
+STORAGE_TOOLS: tuple[GuestTool, ...] = (
+    GuestTool("e2fsprogs", ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4")),
+    GuestTool("sg3-utils", ("sg_inq", "sg_readcap", "sg_unmap")),
+)
+NETWORK_TOOLS: tuple[GuestTool, ...] = (GuestTool("iproute2", ("ip",)),)
+BENCH_TOOLS: tuple[GuestTool, ...] = (GuestTool("fio", ("fio",)),)
+ALL_TOOLS: tuple[GuestTool, ...] = DEFAULT_TOOLS + STORAGE_TOOLS + NETWORK_TOOLS + BENCH_TOOLS
 
 # Dependencies (virtio, virtio_ring, scsi_common, 9pnet, netfs, fscache,
 # t10-pi, ...) are added by resolve_modules.
