@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .devices.blk import VirtioBlk
 from .devices.testdev import PciTestDevice
 from .errors import ConfigError
 from .pci.bus import MAX_SLOTS, PciBus
 from .pci.function import PciFunction, Presentation
+from .ports import BlockBackend
+from .virtio.pci_transport import VirtioPciFunction
 
 # Keys every device takes; device-specific keys are listed per type.
 COMMON_KEYS = frozenset({"slot", "name"})
@@ -23,13 +26,50 @@ class DeviceType:
     name: str
     summary: str
     keys: frozenset[str]
-    build: Callable[[Mapping[str, str], Presentation, int], PciFunction]
+    build: Callable[[Mapping[str, str], Presentation, int, BlockBackend | None], PciFunction]
 
 
 def _build_testdev(
-    options: Mapping[str, str], presentation: Presentation, serial: int
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backend: BlockBackend | None,
 ) -> PciFunction:
     return PciTestDevice(presentation, serial)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockOptions:
+    """virtio-blk's keys, checked (the shell opens `path`; config.py does no I/O)."""
+
+    path: str
+    readonly: bool
+    serial: str
+
+
+def block_options(options: Mapping[str, str]) -> BlockOptions:
+    path = options.get("path", "")
+    if not path:
+        raise ConfigError("virtio-blk needs path=IMAGE (a raw disk image)")
+    readonly = options.get("readonly", "off")
+    if readonly not in ("on", "off"):
+        raise ConfigError(f"virtio-blk readonly={readonly!r}: use readonly=on or readonly=off")
+    serial = options.get("serial", "")
+    if len(serial.encode()) > 20:
+        raise ConfigError(f"virtio-blk serial={serial!r} is longer than 20 bytes")
+    return BlockOptions(path, readonly == "on", serial)
+
+
+def _build_blk(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backend: BlockBackend | None,
+) -> PciFunction:
+    if backend is None:
+        raise ConfigError("virtio-blk: the disk image was not opened (no backend given)")
+    device = VirtioBlk(backend, serial=block_options(options).serial)
+    return VirtioPciFunction(device, presentation=presentation, serial=serial)
 
 
 DEVICE_TYPES: dict[str, DeviceType] = {
@@ -40,6 +80,12 @@ DEVICE_TYPES: dict[str, DeviceType] = {
             "PCI test device: IO, 64-bit prefetchable and MSI-X BARs, ROM, doorbell interrupts",
             frozenset(),
             _build_testdev,
+        ),
+        DeviceType(
+            "virtio-blk",
+            "virtio block device over a raw image file: path=IMAGE[,readonly=on][,serial=ID]",
+            frozenset({"path", "readonly", "serial"}),
+            _build_blk,
         ),
     )
 }
@@ -95,8 +141,14 @@ def parse_device_spec(text: str) -> DeviceSpec:
     return DeviceSpec(type_name, name, slot, options)
 
 
-def build_bus(specs: Sequence[DeviceSpec], presentation: Presentation = Presentation()) -> PciBus:
-    """Build bus 0 with every device, presented as the frontend can take them."""
+def build_bus(
+    specs: Sequence[DeviceSpec],
+    presentation: Presentation = Presentation(),
+    block_backends: Mapping[int, BlockBackend] | None = None,
+) -> PciBus:
+    """Build bus 0 with every device, presented as the frontend can take them.
+    `block_backends` maps a spec's index to the disk the shell opened for it."""
+    backends = block_backends or {}
     bus = PciBus()
     names: list[str] = []
     counters: dict[str, int] = {}
@@ -115,7 +167,7 @@ def build_bus(specs: Sequence[DeviceSpec], presentation: Presentation = Presenta
     for i in order:
         spec = specs[i]
         dtype = DEVICE_TYPES[spec.type]
-        function = dtype.build(spec.options, presentation, 0x5EED_0000 + i)
+        function = dtype.build(spec.options, presentation, 0x5EED_0000 + i, backends.get(i))
         function.name = names[i]
         bus.plug(function, spec.slot)
     return bus

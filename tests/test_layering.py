@@ -14,6 +14,7 @@ CORE = [
     *sorted((ROOT / "devserver" / "devices").rglob("*.py")),
     ROOT / "devserver" / "effects.py",
     ROOT / "devserver" / "memory.py",
+    ROOT / "devserver" / "ports.py",
     ROOT / "devserver" / "errors.py",
     ROOT / "devserver" / "config.py",
     ROOT / "vmm_client" / "addressing.py",

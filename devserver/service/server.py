@@ -227,10 +227,12 @@ class DevServer:
             self._metrics_server.server_close()
             self._metrics_server = None
         if self.server is None:
+            self.servicer.close()
             return
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.server = None
+        self.servicer.close()  # after the streams ended: no device is using a disk
         if self.listen.unix_path is not None:
             self.listen.unix_path.unlink(missing_ok=True)
 

@@ -20,6 +20,18 @@ DMA: a device's DmaRequested effect is carried out here, by memory mode
 An address outside guest RAM completes the transfer with an error, which the
 device turns into its error status; it never ends the stream. The frontend's
 map may change after Hello (MemoryMapUpdate), validated like Hello's.
+
+Virtio functions (virtio 1.2 §4.1) run their rings in the session's shared
+RAM: it is attached to each one at Hello and again after every
+MemoryMapUpdate. Without shared RAM (DMA_MESSAGES, NONE) rings cannot be
+reached synchronously, so a driver's DRIVER_OK latches DEVICE_NEEDS_RESET
+(logged at attach). A BAR or config write to a virtio function can run the
+device (a kick: disk I/O), so it runs in a worker thread, never on the event
+loop; one asyncio.Lock per device keeps its accesses and its continuations
+from ever interleaving on its state (reliability.md C7). A kick does bounded
+work (QUEUE_WEIGHT chains, C8); what remains runs as continuation tasks on the
+loop, each turn one more bounded step, its interrupts sent as their own
+message (writes to the stream are serialised by a lock).
 """
 
 from __future__ import annotations
@@ -35,12 +47,14 @@ import grpc
 from devmodel.v1 import devmodel_pb2 as pb
 from devmodel.v1 import devmodel_pb2_grpc
 
+from ..backends.file_block import FileBlockBackend, open_block_backends
 from ..config import DeviceSpec, build_bus
 from ..effects import AddressRange, BarDecodeChanged, DmaRequested, Effect, IntxChanged, MsiRaised
 from ..errors import AccessError, ConfigError, MemoryMapError
 from ..memory import MAX_REGIONS, MemoryTable, perform_dma
 from ..pci.bus import PciBus
-from ..pci.function import Presentation
+from ..pci.function import PciFunction, Presentation
+from ..virtio.pci_transport import VirtioPciFunction
 from .convert import event_to_pb, region_from_pb, topology_to_pb
 from .guest_memory import SharedGuestMemory
 from .protocol import (
@@ -89,6 +103,21 @@ class Session:
     memory: SharedGuestMemory | MemoryTable
     dma_pending: dict[int, PendingDma] = field(default_factory=dict)
     next_dma_id: int = 1
+    # Per-device serialisation of virtio work (C7), the stream's write lock and
+    # the continuation tasks of devices that ran out of budget (C8).
+    device_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    continuations: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    closed: bool = False
+
+    def virtio_functions(self) -> list[VirtioPciFunction]:
+        return [f for _, f in self.bus if isinstance(f, VirtioPciFunction)]
+
+    def attach_memory(self) -> None:
+        """(Re-)attach shared RAM to every virtio function; None in other modes."""
+        memory = self.memory if isinstance(self.memory, SharedGuestMemory) else None
+        for function in self.virtio_functions():
+            function.attach_memory(memory)
 
 
 def _map_error(error: MemoryMapError, prefix: str = "") -> RequestError:
@@ -126,9 +155,23 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         self._specs = list(specs)
         self.server_name = server_name
         self.counters = ServerCounters()
-        self._default_bus = build_bus(self._specs)  # what Topology shows before any attach
+        # Disk images open once, at start (a bad one is a ConfigError now, not at
+        # attach); every session's devices share them. close() lets them go.
+        self._block_backends: dict[int, FileBlockBackend] = open_block_backends(self._specs)
+        try:
+            # what Topology shows before any attach
+            self._default_bus = build_bus(self._specs, block_backends=self._block_backends)
+        except BaseException:
+            self.close()
+            raise
         self._session: Session | None = None
         self._next_session = 1
+
+    def close(self) -> None:
+        """Release host resources (disk images); the server has stopped."""
+        backends, self._block_backends = self._block_backends, {}
+        for backend in backends.values():
+            backend.close()
 
     @property
     def attached(self) -> bool:
@@ -213,11 +256,22 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         finally:
             if session is not None and self._session is session:
                 log.info("session %d (%s) detached", session.session_id, session.frontend_name)
+                # Continuations stop after the bounded step they are in (a worker
+                # thread cannot be cancelled), before the memory goes away.
+                session.closed = True
+                tasks = list(session.continuations.values())
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
                 self._session = None
                 self._end(session)
 
     def _end(self, session: Session) -> None:
         """Fail the DMA the frontend still owes, and let go of its memory."""
+        session.closed = True
+        session.continuations.clear()
+        # No ring may be touched once the memory is unmapped.
+        for function in session.virtio_functions():
+            function.attach_memory(None)
         pending, session.dma_pending = session.dma_pending, {}
         for dma in pending.values():
             self.counters.devices[dma.device_id].dma_errors += 1
@@ -251,7 +305,11 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         memory = open_memory(hello.memory)
         caps = hello.capabilities
         try:
-            bus = build_bus(self._specs, Presentation(msix=caps.msi, bar64=caps.bar64))
+            bus = build_bus(
+                self._specs,
+                Presentation(msix=caps.msi, bar64=caps.bar64),
+                block_backends=self._block_backends,
+            )
         except ConfigError as e:
             memory.close()
             raise RequestError(
@@ -266,6 +324,15 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         )
         self._next_session += 1
         self._session = session
+        session.attach_memory()
+        if hello.memory.mode != pb.MEMORY_MODE_SHARED:
+            for function in session.virtio_functions():
+                log.warning(
+                    "virtio device %s cannot run its queues with memory mode %s (it needs "
+                    "SHARED guest RAM); a driver that starts it gets DEVICE_NEEDS_RESET",
+                    function.name,
+                    pb.MemoryMode.Name(hello.memory.mode),
+                )
         self.counters.sessions_total += 1
         self.counters.requests += 1
         log.info(
@@ -301,7 +368,11 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         for request in requests:
             self.counters.requests += 1
             try:
-                self._serve_request(session, request, items)
+                virtio = self._virtio_target(session, request)
+                if virtio is None:
+                    self._serve_request(session, request, items)
+                else:
+                    await self._serve_virtio(session, virtio, request, items)
             except MemoryMapError as e:
                 raise _map_error(e, f"request seq={request.seq}: ") from None
             except AccessError as e:
@@ -310,10 +381,84 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 ) from None
         if items:
             self.counters.server_messages += 1
-            await context.write(pb.ServerMessage(items=items))
+            async with session.write_lock:
+                await context.write(pb.ServerMessage(items=items))
+        for function in session.virtio_functions():
+            if function.pending_work:
+                self._continue(session, function, context)
+        if items:
             # Let other streams (Topology, Stats, a refused second Attach) run
             # between messages of a busy frontend.
             await asyncio.sleep(0)
+
+    # -- virtio functions
+
+    @staticmethod
+    def _virtio_target(session: Session, request: pb.Request) -> VirtioPciFunction | None:
+        """The virtio function an access goes to, if it goes to one."""
+        kind = request.WhichOneof("kind")
+        function: PciFunction | None = None
+        if kind in ("bar_write", "bar_read", "reset_device"):
+            access = getattr(request, kind)
+            function = next((f for _, f in session.bus if f.device_id == access.device_id), None)
+        elif kind in ("config_read", "config_write"):
+            c = getattr(request, kind)
+            function = session.bus.at(c.bus, c.device, c.function)
+        return function if isinstance(function, VirtioPciFunction) else None
+
+    async def _serve_virtio(
+        self,
+        session: Session,
+        function: VirtioPciFunction,
+        request: pb.Request,
+        items: list[pb.ServerItem],
+    ) -> None:
+        """One access to a virtio function, under its lock; a write (which may run
+        the device: disk I/O) in a worker thread."""
+        lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
+        async with lock:
+            if request.WhichOneof("kind") in ("bar_write", "config_write", "reset_device"):
+                await asyncio.to_thread(self._serve_request, session, request, items)
+            else:
+                self._serve_request(session, request, items)
+
+    def _continue(
+        self,
+        session: Session,
+        function: VirtioPciFunction,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+    ) -> None:
+        """Schedule (once) the rest of a device's work as bounded steps on the loop."""
+        task = session.continuations.get(function.device_id)
+        if task is not None and not task.done():
+            return
+        session.continuations[function.device_id] = asyncio.get_running_loop().create_task(
+            self._run_pending(session, function, context)
+        )
+
+    async def _run_pending(
+        self,
+        session: Session,
+        function: VirtioPciFunction,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+    ) -> None:
+        lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
+        try:
+            while function.pending_work and not session.closed:
+                async with lock:
+                    if session.closed:
+                        return
+                    effects = await asyncio.to_thread(function.run_pending)
+                    items: list[pb.ServerItem] = []
+                    self._emit(session, effects, items)
+                if items and not session.closed:
+                    self.counters.server_messages += 1
+                    async with session.write_lock:
+                        await context.write(pb.ServerMessage(items=items))
+                await asyncio.sleep(0)  # one bounded step a turn: other streams run between
+        except Exception:
+            # The stream is gone (or broke); the session's end cleans up.
+            log.exception("device %s: continuing its queue work failed", function.name)
 
     def _serve_request(
         self, session: Session, request: pb.Request, items: list[pb.ServerItem]
@@ -360,6 +505,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             self._dma_reply(session, request.dma_reply, items)
         elif kind == "memory_map_update":
             self._memory_map_update(session, request.memory_map_update)
+            session.attach_memory()
             items.append(pb.ServerItem(reply=pb.Reply(seq=request.seq, done=True)))
         else:
             raise AccessError("the request carries no access (empty or unknown oneof 'kind')")

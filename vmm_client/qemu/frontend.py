@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from ..client import TlsClientFiles
+from ..guest.image import DEFAULT_MODULES, DEFAULT_TOOLS, GuestTool
 from ..vfio_user.bridge import open_bridge
 from .launch import GuestResult, run_in_guest
 
@@ -30,13 +31,17 @@ async def boot_served_guest(
     memory_mb: int = 512,
     on_output: Callable[[str], None] | None = None,
     memory_mode: str = "auto",
+    tools: Sequence[GuestTool] = DEFAULT_TOOLS,
+    modules: Sequence[str] = DEFAULT_MODULES,
 ) -> GuestResult:
     """Bridge every device of `devserver` into a QEMU guest and run `script` there.
 
     With `script` None the guest prints `lspci -nn` and powers off.
     `memory_mode` is the bridge's ("shared", "messages" or "auto": shared for
     a unix: server); guest RAM is a shared memfd either way, so "messages"
-    serves DmaRequests from the bridge's own map of it.
+    serves DmaRequests from the bridge's own map of it. `tools` are the
+    guest image's extra programs (vmm_client.guest.image.STORAGE_TOOLS, ...)
+    and `modules` its kernel modules (add "ext4" to mount one).
     """
     with tempfile.TemporaryDirectory(prefix="devmodel-vfu-") as directory:
         async with open_bridge(
@@ -52,6 +57,8 @@ async def boot_served_guest(
                 extra_append,
                 memory_mb,
                 on_output,
+                tools,
+                modules,
             )
 
 
@@ -62,6 +69,8 @@ def _run(
     extra_append: str,
     memory_mb: int,
     on_output: Callable[[str], None] | None,
+    tools: Sequence[GuestTool],
+    modules: Sequence[str],
 ) -> GuestResult:
     return run_in_guest(
         script if script is not None else "lspci -nn",
@@ -70,6 +79,8 @@ def _run(
         extra_append=extra_append,
         memory_mb=memory_mb,
         on_output=on_output,
+        tools=tools,
+        modules=modules,
     )
 
 

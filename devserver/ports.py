@@ -1,0 +1,37 @@
+"""The small protocols the core's devices reach the host through (architecture.md
+"Backends behind small protocols"): the I/O edge, swappable in tests and for
+fault injection. Implementations live in devserver/backends/.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BlockBackend(Protocol):
+    """A disk image addressed in bytes (virtio 1.2 §5.2 Block Device's backing).
+
+    Every method may raise OSError or BackendError; the device turns either into
+    VIRTIO_BLK_S_IOERR. Offsets and lengths are already checked against `size`.
+    """
+
+    @property
+    def size(self) -> int:
+        """Bytes in the image (a multiple of 512)."""
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """The range may read anything afterwards (a hint)."""
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
+        """The range reads zeroes afterwards; `unmap` lets it free the space too."""
+
+    def close(self) -> None: ...
