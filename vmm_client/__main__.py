@@ -3,6 +3,7 @@
 python -m vmm_client probe [--devserver ADDR]   enumerate and program the bus like a guest
 python -m vmm_client qemu ...                   boot Linux under QEMU through the vfio-user bridge
 python -m vmm_client run --guest-program FILE   run a freestanding program in our KVM VMM
+python -m vmm_client run --kernel K [--initrd I] -m 512M   boot Linux in our KVM VMM (VMX/SVM)
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run = sub.add_parser(
         "run",
-        help="run a freestanding guest program (ELF, or flat binary at 1 MiB) in our own KVM "
-        "VMM, its PCI devices served by the device server",
+        help="run a freestanding guest program (ELF, or flat binary at 1 MiB), or boot a Linux "
+        "kernel (--kernel), in our own KVM VMM, its PCI devices served by the device server",
     )
     _add_connection_flags(run)
     run.add_argument(
@@ -93,7 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build and run the bundled PCI test program (needs gcc)",
     )
-    run.add_argument("--kernel", type=Path, help="a Linux kernel (not implemented yet)")
+    run.add_argument(
+        "--kernel", type=Path, help="boot this Linux kernel (bzImage or vmlinux ELF, 64-bit entry)"
+    )
+    run.add_argument("--initrd", type=Path, help="initramfs for --kernel")
+    run.add_argument("--append", default="", help="extra kernel command line for --kernel")
+    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs for --kernel")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="boot --kernel even under kvm_pvm, and report where it stopped",
+    )
     run.add_argument(
         "-m", "--memory", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M (default: 64M)"
     )
@@ -128,14 +139,9 @@ def _run(args: argparse.Namespace) -> int:
     from .kvm.vm import PVM_NOTE, kvm_flavour
 
     if args.kernel is not None:
-        print(
-            "vmm_client: error: Linux boot is not implemented in the KVM frontend yet; "
-            "use `python -m vmm_client qemu` to boot Linux against the device server",
-            file=sys.stderr,
-        )
-        if kvm_flavour() == "pvm":
-            print(f"note: {PVM_NOTE}", file=sys.stderr)
-        return 2
+        from .kvm.linux_cli import run_kernel
+
+        return run_kernel(args, parse_size(args.memory), _tls(args))
     if (args.guest_program is None) == (not args.build_pcitest):
         raise SystemExit("vmm_client: error: give --guest-program FILE or --build-pcitest")
     if kvm_flavour() == "pvm":

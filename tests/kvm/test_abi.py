@@ -40,6 +40,9 @@ IOCTLS = {
         "KVM_GET_SUPPORTED_CPUID",
         "KVM_SET_CPUID2",
         "KVM_SET_SIGNAL_MASK",
+        "KVM_SET_MSRS",
+        "KVM_GET_LAPIC",
+        "KVM_SET_LAPIC",
     )
 }
 SIZES = {
@@ -54,6 +57,9 @@ SIZES = {
     "struct kvm_cpuid_entry2": abi.kvm_cpuid_entry2,
     "struct kvm_cpuid2": abi.kvm_cpuid2,
     "struct kvm_signal_mask": abi.kvm_signal_mask,
+    "struct kvm_msrs": abi.kvm_msrs,
+    "struct kvm_msr_entry": abi.kvm_msr_entry,
+    "struct kvm_lapic_state": abi.kvm_lapic_state,
 }
 OFFSETS = {
     "exit_reason": abi.kvm_run.exit_reason.offset,

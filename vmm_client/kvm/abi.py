@@ -292,6 +292,33 @@ class kvm_run(ctypes.Structure):
     )
 
 
+class kvm_msrs(ctypes.Structure):
+    """The header only; `nmsrs` kvm_msr_entry follow (`msrs_buffer`)."""
+
+    _fields_ = (("nmsrs", u32), ("pad", u32))
+
+
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = (("index", u32), ("reserved", u32), ("data", u64))
+
+
+def msrs_buffer(values: dict[int, int]) -> ctypes.Array[ctypes.c_char]:
+    """A kvm_msrs with one entry per (index, value)."""
+    buf = ctypes.create_string_buffer(
+        ctypes.sizeof(kvm_msrs) + len(values) * ctypes.sizeof(kvm_msr_entry)
+    )
+    kvm_msrs.from_buffer(buf).nmsrs = len(values)
+    for i, (index, value) in enumerate(values.items()):
+        at = ctypes.sizeof(kvm_msrs) + i * ctypes.sizeof(kvm_msr_entry)
+        entry = kvm_msr_entry.from_buffer(buf, at)
+        entry.index, entry.data = index, value
+    return buf
+
+
+class kvm_lapic_state(ctypes.Structure):
+    _fields_ = (("regs", ctypes.c_char * 1024),)
+
+
 # Sizes and offsets on x86-64 (pahole of Linux 6.1; also checked against gcc in the tests).
 assert ctypes.sizeof(kvm_userspace_memory_region) == 32
 assert ctypes.sizeof(kvm_regs) == 144
@@ -305,6 +332,8 @@ assert ctypes.sizeof(kvm_signal_mask) == 4
 assert ctypes.sizeof(kvm_signal_mask8) == 12
 assert ctypes.sizeof(kvm_cpuid_entry2) == 40
 assert ctypes.sizeof(kvm_cpuid2) == 8
+assert ctypes.sizeof(kvm_msr_entry) == 16
+assert ctypes.sizeof(kvm_lapic_state) == 1024
 assert kvm_run.exit_reason.offset == 8
 assert kvm_run.exit.offset == 32
 assert ctypes.sizeof(kvm_run) == 2352
@@ -332,6 +361,9 @@ KVM_GET_SREGS: Final = ior(KVMIO, 0x83, ctypes.sizeof(kvm_sregs))
 KVM_SET_SREGS: Final = iow(KVMIO, 0x84, ctypes.sizeof(kvm_sregs))
 KVM_SET_SIGNAL_MASK: Final = iow(KVMIO, 0x8B, ctypes.sizeof(kvm_signal_mask))
 KVM_SET_CPUID2: Final = iow(KVMIO, 0x90, ctypes.sizeof(kvm_cpuid2))
+KVM_SET_MSRS: Final = iow(KVMIO, 0x89, ctypes.sizeof(kvm_msrs))
+KVM_GET_LAPIC: Final = ior(KVMIO, 0x8E, ctypes.sizeof(kvm_lapic_state))
+KVM_SET_LAPIC: Final = iow(KVMIO, 0x8F, ctypes.sizeof(kvm_lapic_state))
 
 # Constants used with them.
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0

@@ -39,6 +39,7 @@ TSS_ADDRESS: Final = 0xFFFB_D000  # 3 pages just under the BIOS area, as kvmtool
 # main one can run VMs (Python installs handlers only from the main thread).
 KICK_SIGNAL: Final = signal.SIGRTMIN + 3
 PAGE: Final = 4096
+KERNEL_TEXT_BASE: Final = 0xFFFF_FFFF_8000_0000  # x86-64 Linux __START_KERNEL_map
 
 
 class KvmUnavailable(RuntimeError):
@@ -401,7 +402,7 @@ class Vcpu:
                 message=(
                     f"KVM_EXIT_INTERNAL_ERROR suberror {internal.suberror} "
                     f"(1 = the instruction emulator refused an instruction; under kvm_pvm "
-                    f"see frontend-kvm.md for the ones to avoid) at {self._where()}"
+                    f"see frontend-kvm.md for the ones to avoid) at {self.where()}"
                     + (f"; data {data}" if data else "")
                 ),
                 vcpu=self.index,
@@ -410,7 +411,7 @@ class Vcpu:
             reason_code = self.run_struct.exit.fail_entry.hardware_entry_failure_reason
             return RunResult(
                 "fail-entry",
-                message=f"VM entry failed (hardware reason {reason_code:#x}) at {self._where()}",
+                message=f"VM entry failed (hardware reason {reason_code:#x}) at {self.where()}",
                 vcpu=self.index,
             )
         if reason == abi.KVM_EXIT_SYSTEM_EVENT:
@@ -420,8 +421,7 @@ class Vcpu:
             return None  # a signal while running: the loop checks `stopping`
         return RunResult(
             "error",
-            message=f"unhandled exit {abi.EXIT_REASON_NAMES.get(reason, reason)} "
-            f"at {self._where()}",
+            message=f"unhandled exit {abi.EXIT_REASON_NAMES.get(reason, reason)} at {self.where()}",
             vcpu=self.index,
         )
 
@@ -431,10 +431,15 @@ class Vcpu:
         except OSError:
             return -1
 
-    def _where(self) -> str:
+    def where(self) -> str:
         """RIP and the 15 bytes there (the guest maps memory 1:1, so RIP is a RAM offset)."""
         rip = self._rip()
         ram = self.vm.ram
+        if rip >= KERNEL_TEXT_BASE and rip - KERNEL_TEXT_BASE < ram.size:
+            # Linux's kernel text mapping (no KASLR on a direct vmlinux boot): phys = rip - base.
+            phys = rip - KERNEL_TEXT_BASE
+            code = ram.read(phys, min(15, ram.size - phys)).hex(" ")
+            return f"rip {rip:#x} (physical {phys:#x}), instruction bytes {code}"
         if 0 <= rip < ram.size:
             code = ram.read(rip, min(15, ram.size - rip)).hex(" ")
             return f"rip {rip:#x}, instruction bytes {code}"
