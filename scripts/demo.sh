@@ -10,8 +10,10 @@ run=$(mktemp -d)
 trap 'kill "$server" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$run"' EXIT
 chmod 700 "$run"
 sock="unix:$run/devserver.sock"
+truncate -s 64M "$run/disk.img"   # a raw disk image for the guest's virtio-blk
 .venv/bin/python -m devserver --listen "$sock" --log-level warning \
-    --device pci-testdev --device pci-testdev,slot=4,name=second &
+    --device pci-testdev --device pci-testdev,slot=4,name=second \
+    --device "virtio-blk,path=$run/disk.img,serial=demo-disk" &
 server=$!
 for _ in $(seq 100); do [ -S "$run/devserver.sock" ] && break; sleep 0.1; done
 .venv/bin/python -m vmm_client qemu --devserver "$sock"

@@ -182,6 +182,14 @@ for dev in /sys/bus/pci/devices/*; do
     case "$(cat "$dev/vendor")" in 0x8086|0x1b36) continue ;; esac
     lspci -vv -nn -s "${dev##*/}" 2>/dev/null
 done
+for disk in /sys/block/vd*; do
+    [ -e "$disk" ] || continue
+    echo "== ${disk##*/}: $(cat $disk/size) sectors, serial $(cat $disk/serial 2>/dev/null)"
+    dd if=/dev/urandom of=/tmp/pattern bs=4096 count=16 2>/dev/null
+    dd if=/tmp/pattern of=/dev/${disk##*/} bs=4096 oflag=direct 2>/dev/null
+    dd if=/dev/${disk##*/} of=/tmp/back bs=4096 count=16 iflag=direct 2>/dev/null
+    cmp /tmp/pattern /tmp/back && echo "   wrote and read back 64 KiB: identical"
+done
 """
 
 
