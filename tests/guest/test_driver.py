@@ -13,15 +13,12 @@ from __future__ import annotations
 import asyncio
 import re
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from devmodel.v1 import devmodel_pb2 as pb
-from devserver.config import parse_device_spec
-from devserver.service.server import DevServer, Listen
+from devserver.service.server import DevServer
 from vmm_client.guest.driver import (
     MODULE_NAME,
     DriverBuildError,
@@ -32,9 +29,7 @@ from vmm_client.guest.driver import (
 )
 from vmm_client.guest.elf import elf_section, modinfo
 from vmm_client.guest.image import resolve_kernel_version
-from vmm_client.qemu.hostutil import NeedsRootError
 from vmm_client.qemu.launch import GuestResult, run_in_guest
-from vmm_client.qemu.provision import provision
 from vmm_client.vfio_user.bridge import open_bridge
 
 # Both of the server's test devices are bound to the driver; FIRST is the
@@ -51,12 +46,7 @@ try_write() {{
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def qemu_ready() -> None:
-    try:
-        provision()
-    except NeedsRootError as e:
-        pytest.skip(f"no cached QEMU tree, and installing one needs root: {e}")
+pytestmark = pytest.mark.usefixtures("qemu_ready")
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +55,6 @@ def driver_ko() -> Path:
         return build_driver()
     except DriverBuildError as e:
         pytest.skip(f"cannot build {MODULE_NAME}.ko here: {e}")
-
-
-@pytest_asyncio.fixture
-async def server(tmp_path: Path) -> AsyncIterator[DevServer]:
-    srv = DevServer(
-        [parse_device_spec("pci-testdev"), parse_device_spec("pci-testdev,slot=5,name=second")],
-        Listen(unix_path=tmp_path / "run" / "dev.sock"),
-    )
-    await srv.start()
-    yield srv
-    await srv.stop(0)
 
 
 async def run(

@@ -8,41 +8,19 @@ and does, and what reached the server.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from devmodel.v1 import devmodel_pb2 as pb
-from devserver.config import parse_device_spec
 from devserver.devices import testdev
-from devserver.service.server import DevServer, Listen
+from devserver.service.server import DevServer
 from vmm_client.qemu.frontend import boot_served_guest
-from vmm_client.qemu.hostutil import NeedsRootError
 from vmm_client.qemu.launch import GuestResult
-from vmm_client.qemu.provision import provision
 
 ID = f"{testdev.VENDOR_ID:04x}:{testdev.DEVICE_ID:04x}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def qemu_ready() -> None:
-    try:
-        provision()
-    except NeedsRootError as e:
-        pytest.skip(f"no cached QEMU tree, and installing one needs root: {e}")
-
-
-@pytest_asyncio.fixture
-async def server(tmp_path: Path) -> AsyncIterator[DevServer]:
-    srv = DevServer(
-        [parse_device_spec("pci-testdev"), parse_device_spec("pci-testdev,slot=5,name=second")],
-        Listen(unix_path=tmp_path / "run" / "dev.sock"),
-    )
-    await srv.start()
-    yield srv
-    await srv.stop(0)
+pytestmark = pytest.mark.usefixtures("qemu_ready")
 
 
 async def run(server: DevServer, script: str) -> GuestResult:

@@ -15,9 +15,7 @@ from devserver.config import parse_device_spec
 from devserver.service.server import DevServer, Listen
 from vmm_client.guest.image import DEFAULT_MODULES, DEFAULT_TOOLS, STORAGE_TOOLS
 from vmm_client.qemu.frontend import boot_served_guest
-from vmm_client.qemu.hostutil import NeedsRootError
 from vmm_client.qemu.launch import GuestResult
-from vmm_client.qemu.provision import provision
 
 IMAGE_SIZE = 64 << 20
 TOOLS = DEFAULT_TOOLS + STORAGE_TOOLS
@@ -27,12 +25,7 @@ MODULES = (*DEFAULT_MODULES, "ext4", "crc32c_generic")
 PATTERN_SECTOR = 2048  # 1 MiB in
 
 
-@pytest.fixture(scope="module", autouse=True)
-def qemu_ready() -> None:
-    try:
-        provision()
-    except NeedsRootError as e:
-        pytest.skip(f"no cached QEMU tree, and installing one needs root: {e}")
+pytestmark = pytest.mark.usefixtures("qemu_ready")
 
 
 async def boot(tmp_path: Path, image: Path, script: str, *, readonly: bool = False) -> GuestResult:
