@@ -10,11 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .devices.blk import VirtioBlk
+from .devices.console import VirtioConsole
 from .devices.testdev import PciTestDevice
 from .errors import ConfigError
 from .pci.bus import MAX_SLOTS, PciBus
 from .pci.function import PciFunction, Presentation
-from .ports import BlockBackend
+from .ports import BlockBackend, ByteStream
 from .virtio.pci_transport import VirtioPciFunction
 
 # Keys every device takes; device-specific keys are listed per type.
@@ -22,18 +23,26 @@ COMMON_KEYS = frozenset({"slot", "name"})
 
 
 @dataclass(frozen=True, slots=True)
+class SpecBackends:
+    """What the shell opened for one spec: a disk image, a console's stream."""
+
+    block: BlockBackend | None = None
+    stream: ByteStream | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceType:
     name: str
     summary: str
     keys: frozenset[str]
-    build: Callable[[Mapping[str, str], Presentation, int, BlockBackend | None], PciFunction]
+    build: Callable[[Mapping[str, str], Presentation, int, SpecBackends], PciFunction]
 
 
 def _build_testdev(
     options: Mapping[str, str],
     presentation: Presentation,
     serial: int,
-    backend: BlockBackend | None,
+    backends: SpecBackends,
 ) -> PciFunction:
     return PciTestDevice(presentation, serial)
 
@@ -64,11 +73,51 @@ def _build_blk(
     options: Mapping[str, str],
     presentation: Presentation,
     serial: int,
-    backend: BlockBackend | None,
+    backends: SpecBackends,
 ) -> PciFunction:
+    backend = backends.block
     if backend is None:
         raise ConfigError("virtio-blk: the disk image was not opened (no backend given)")
     device = VirtioBlk(backend, serial=block_options(options).serial)
+    return VirtioPciFunction(device, presentation=presentation, serial=serial)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleOptions:
+    """virtio-console's keys, checked (the shell listens on `socket`)."""
+
+    socket: str
+    cols: int
+    rows: int
+
+
+def console_options(options: Mapping[str, str]) -> ConsoleOptions:
+    path = options.get("socket", "")
+    if not path:
+        raise ConfigError("virtio-console needs socket=PATH (a UNIX socket the server listens on)")
+    sizes: list[int] = []
+    for key, default in (("cols", 80), ("rows", 25)):
+        raw = options.get(key, str(default))
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise ConfigError(f"virtio-console {key}={raw!r} is not a number") from None
+        if not 0 <= value <= 0xFFFF:
+            raise ConfigError(f"virtio-console {key}={value} is not 0..65535")
+        sizes.append(value)
+    return ConsoleOptions(path, sizes[0], sizes[1])
+
+
+def _build_console(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backends: SpecBackends,
+) -> PciFunction:
+    if backends.stream is None:
+        raise ConfigError("virtio-console: its socket was not opened (no stream given)")
+    checked = console_options(options)
+    device = VirtioConsole(backends.stream, cols=checked.cols, rows=checked.rows)
     return VirtioPciFunction(device, presentation=presentation, serial=serial)
 
 
@@ -86,6 +135,13 @@ DEVICE_TYPES: dict[str, DeviceType] = {
             "virtio block device over a raw image file: path=IMAGE[,readonly=on][,serial=ID]",
             frozenset({"path", "readonly", "serial"}),
             _build_blk,
+        ),
+        DeviceType(
+            "virtio-console",
+            "virtio console (one port) on a UNIX socket the server listens on: "
+            "socket=PATH[,cols=80][,rows=25]",
+            frozenset({"socket", "cols", "rows"}),
+            _build_console,
         ),
     )
 }
@@ -145,10 +201,13 @@ def build_bus(
     specs: Sequence[DeviceSpec],
     presentation: Presentation = Presentation(),
     block_backends: Mapping[int, BlockBackend] | None = None,
+    streams: Mapping[int, ByteStream] | None = None,
 ) -> PciBus:
     """Build bus 0 with every device, presented as the frontend can take them.
-    `block_backends` maps a spec's index to the disk the shell opened for it."""
-    backends = block_backends or {}
+    `block_backends` maps a spec's index to the disk the shell opened for it,
+    `streams` to a console's host stream."""
+    blocks = block_backends or {}
+    opened = streams or {}
     bus = PciBus()
     names: list[str] = []
     counters: dict[str, int] = {}
@@ -167,7 +226,8 @@ def build_bus(
     for i in order:
         spec = specs[i]
         dtype = DEVICE_TYPES[spec.type]
-        function = dtype.build(spec.options, presentation, 0x5EED_0000 + i, backends.get(i))
+        backends = SpecBackends(blocks.get(i), opened.get(i))
+        function = dtype.build(spec.options, presentation, 0x5EED_0000 + i, backends)
         function.name = names[i]
         bus.plug(function, spec.slot)
     return bus

@@ -35,3 +35,22 @@ class BlockBackend(Protocol):
         """The range reads zeroes afterwards; `unmap` lets it free the space too."""
 
     def close(self) -> None: ...
+
+
+class ByteStream(Protocol):
+    """A host byte stream a virtio-console port is joined to (virtio 1.2 §5.3).
+
+    Never blocks: the device calls it from a worker thread while the service's
+    event loop moves bytes to and from the host end. Bytes from the host wait
+    in a bounded buffer until the device takes them (`read`); when it is full,
+    the implementation stops reading from the host (back-pressure).
+    """
+
+    def readable(self) -> int:
+        """Bytes from the host waiting to be read (0: none)."""
+
+    def read(self, limit: int) -> bytes:
+        """Up to `limit` of the waiting bytes (b"" when none wait)."""
+
+    def write(self, data: bytes) -> bool:
+        """Send `data` to the host; False: dropped (no peer, or its buffer is full)."""

@@ -200,6 +200,7 @@ class DevServer:
         else:
             self.address = self.listen.target
         await self.server.start()
+        await self.servicer.start()
         if self.listen.unix_path is not None:
             os.chmod(self.listen.unix_path, 0o600)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -227,12 +228,12 @@ class DevServer:
             self._metrics_server.server_close()
             self._metrics_server = None
         if self.server is None:
-            self.servicer.close()
+            await self.servicer.aclose()
             return
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.server = None
-        self.servicer.close()  # after the streams ended: no device is using a disk
+        await self.servicer.aclose()  # after the streams ended: no device uses a backend
         if self.listen.unix_path is not None:
             self.listen.unix_path.unlink(missing_ok=True)
 

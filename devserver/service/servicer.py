@@ -32,11 +32,19 @@ from ever interleaving on its state (reliability.md C7). A kick does bounded
 work (QUEUE_WEIGHT chains, C8); what remains runs as continuation tasks on the
 loop, each turn one more bounded step, its interrupts sent as their own
 message (writes to the stream are serialised by a lock).
+
+virtio-console's host end is a UNIX socket (backends/console_socket.py) served
+on this loop from server start. Bytes arriving from its client wake the device:
+a task per device, under the device's lock, kicks receiveq0 in a worker thread
+(the same path as a driver's kick, so nothing moves unless the driver is
+running) and sends the interrupts it raised. Those wakes coalesce: one task
+runs at a time per device and goes round again if more bytes came meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -47,8 +55,10 @@ import grpc
 from devmodel.v1 import devmodel_pb2 as pb
 from devmodel.v1 import devmodel_pb2_grpc
 
+from ..backends.console_socket import SocketConsole, open_console_sockets
 from ..backends.file_block import FileBlockBackend, open_block_backends
 from ..config import DeviceSpec, build_bus
+from ..devices.console import RECEIVEQ, VirtioConsole
 from ..effects import AddressRange, BarDecodeChanged, DmaRequested, Effect, IntxChanged, MsiRaised
 from ..errors import AccessError, ConfigError, MemoryMapError
 from ..memory import MAX_REGIONS, MemoryTable, perform_dma
@@ -108,6 +118,10 @@ class Session:
     device_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     continuations: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    # Console receive wakes (host bytes arrived): a task per device, and the
+    # devices woken again while theirs ran.
+    rx_wakes: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    rx_again: set[int] = field(default_factory=set)
     closed: bool = False
 
     def virtio_functions(self) -> list[VirtioPciFunction]:
@@ -158,20 +172,40 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         # Disk images open once, at start (a bad one is a ConfigError now, not at
         # attach); every session's devices share them. close() lets them go.
         self._block_backends: dict[int, FileBlockBackend] = open_block_backends(self._specs)
+        self._consoles: dict[int, SocketConsole] = {}
         try:
+            # Console sockets listen from the start too (served once start() runs).
+            self._consoles = open_console_sockets(self._specs)
             # what Topology shows before any attach
-            self._default_bus = build_bus(self._specs, block_backends=self._block_backends)
+            self._default_bus = build_bus(
+                self._specs, block_backends=self._block_backends, streams=self._consoles
+            )
         except BaseException:
             self.close()
             raise
         self._session: Session | None = None
         self._next_session = 1
 
+    async def start(self) -> None:
+        """Serve the console sockets on the running loop."""
+        for console in self._consoles.values():
+            await console.start()
+
+    async def aclose(self) -> None:
+        """close(), after the console sockets' clients are let go on the loop."""
+        consoles, self._consoles = self._consoles, {}
+        for console in consoles.values():
+            await console.aclose()
+        self.close()
+
     def close(self) -> None:
-        """Release host resources (disk images); the server has stopped."""
+        """Release host resources (disk images, sockets); the server has stopped."""
         backends, self._block_backends = self._block_backends, {}
         for backend in backends.values():
             backend.close()
+        consoles, self._consoles = self._consoles, {}
+        for console in consoles.values():
+            console.close()
 
     @property
     def attached(self) -> bool:
@@ -236,6 +270,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 return
             assert isinstance(first, pb.FrontendMessage)
             session, welcome_seq = self._open(first)
+            self._wire_consoles(session, context)
             await context.write(
                 pb.ServerMessage(items=[pb.ServerItem(reply=self._welcome(session, welcome_seq))])
             )
@@ -259,7 +294,8 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 # Continuations stop after the bounded step they are in (a worker
                 # thread cannot be cancelled), before the memory goes away.
                 session.closed = True
-                tasks = list(session.continuations.values())
+                self._unwire_consoles(session)
+                tasks = [*session.continuations.values(), *session.rx_wakes.values()]
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 self._session = None
@@ -268,7 +304,9 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
     def _end(self, session: Session) -> None:
         """Fail the DMA the frontend still owes, and let go of its memory."""
         session.closed = True
+        self._unwire_consoles(session)
         session.continuations.clear()
+        session.rx_wakes.clear()
         # No ring may be touched once the memory is unmapped.
         for function in session.virtio_functions():
             function.attach_memory(None)
@@ -309,6 +347,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 self._specs,
                 Presentation(msix=caps.msi, bar64=caps.bar64),
                 block_backends=self._block_backends,
+                streams=self._consoles,
             )
         except ConfigError as e:
             memory.close()
@@ -390,6 +429,72 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             # Let other streams (Topology, Stats, a refused second Attach) run
             # between messages of a busy frontend.
             await asyncio.sleep(0)
+
+    # -- console host ends
+
+    @staticmethod
+    def _console_ends(session: Session) -> list[tuple[VirtioPciFunction, SocketConsole]]:
+        ends = []
+        for function in session.virtio_functions():
+            device = function.device
+            if isinstance(device, VirtioConsole) and isinstance(device.stream, SocketConsole):
+                ends.append((function, device.stream))
+        return ends
+
+    def _wire_consoles(
+        self,
+        session: Session,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+    ) -> None:
+        for function, stream in self._console_ends(session):
+            stream.on_readable = functools.partial(self._rx_wake, session, function, context)
+
+    def _unwire_consoles(self, session: Session) -> None:
+        for _, stream in self._console_ends(session):
+            stream.on_readable = None
+
+    def _rx_wake(
+        self,
+        session: Session,
+        function: VirtioPciFunction,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+    ) -> None:
+        """Host bytes arrived for a console: have its receive queue run (once)."""
+        if session.closed:
+            return
+        session.rx_again.add(function.device_id)
+        task = session.rx_wakes.get(function.device_id)
+        if task is not None and not task.done():
+            return
+        session.rx_wakes[function.device_id] = asyncio.get_running_loop().create_task(
+            self._run_rx(session, function, context)
+        )
+
+    async def _run_rx(
+        self,
+        session: Session,
+        function: VirtioPciFunction,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+    ) -> None:
+        lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
+        try:
+            while function.device_id in session.rx_again and not session.closed:
+                session.rx_again.discard(function.device_id)
+                async with lock:
+                    if session.closed:
+                        return
+                    effects = await asyncio.to_thread(_kick_receiveq, function)
+                    items: list[pb.ServerItem] = []
+                    self._emit(session, effects, items)
+                if items and not session.closed:
+                    self.counters.server_messages += 1
+                    async with session.write_lock:
+                        await context.write(pb.ServerMessage(items=items))
+                if function.pending_work and not session.closed:
+                    self._continue(session, function, context)
+                await asyncio.sleep(0)
+        except Exception:
+            log.exception("device %s: delivering console input failed", function.name)
 
     # -- virtio functions
 
@@ -629,3 +734,10 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                     pass
             self.counters.events += 1
             items.append(pb.ServerItem(event=event_to_pb(effect)))
+
+
+def _kick_receiveq(function: VirtioPciFunction) -> list[Effect]:
+    """A console's receive queue runs as if its driver kicked it (nothing moves
+    unless the driver is running); returns the effects (interrupts)."""
+    function.kick(RECEIVEQ)
+    return function.take_effects()

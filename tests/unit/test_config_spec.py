@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from devserver.config import DeviceSpec, build_bus, parse_device_spec
+from devserver.config import (
+    ConsoleOptions,
+    DeviceSpec,
+    build_bus,
+    console_options,
+    parse_device_spec,
+)
 from devserver.devices.testdev import PciTestDevice
 from devserver.errors import ConfigError
 from devserver.pci.function import Presentation
@@ -97,3 +103,21 @@ def test_devices_get_distinct_serial_numbers() -> None:
     bus = build_bus([parse_device_spec("pci-testdev") for _ in range(3)])
     serials = {f.config_read(0x104, 4) for _, f in bus}
     assert len(serials) == 3
+
+
+def test_console_options_are_checked() -> None:
+    spec = parse_device_spec("virtio-console,socket=/run/c.sock,cols=132")
+    assert console_options(spec.options) == ConsoleOptions("/run/c.sock", 132, 25)
+    with pytest.raises(ConfigError, match="socket=PATH"):
+        console_options(parse_device_spec("virtio-console").options)
+    with pytest.raises(ConfigError, match="not a number"):
+        console_options(parse_device_spec("virtio-console,socket=/x,rows=tall").options)
+    with pytest.raises(ConfigError, match=r"0\.\.65535"):
+        console_options(parse_device_spec("virtio-console,socket=/x,cols=70000").options)
+    with pytest.raises(ConfigError, match="no option 'path'"):
+        parse_device_spec("virtio-console,path=/x")
+
+
+def test_a_console_needs_its_stream() -> None:
+    with pytest.raises(ConfigError, match="socket was not opened"):
+        build_bus([parse_device_spec("virtio-console,socket=/x")])
