@@ -300,3 +300,24 @@ def test_failed_install_unmounts_before_anything_else(
         assert load_tree(cache / "qemu-trixie") is None
     finally:
         unmount_all_under(cache)
+
+
+@pytest.mark.parametrize(
+    ("answers", "needle"),
+    [
+        ({"--version": "QEMU emulator version 7.2.0 (Debian 1:7.2+dfsg-7)"}, "older than 10.1"),
+        (
+            {"--version": "QEMU emulator version 10.1.0", "-device": "Device not found"},
+            "no usable vfio-user-pci",
+        ),
+    ],
+)
+def test_a_qemu_too_old_or_without_vfio_user_is_refused_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, answers: dict[str, str], needle: str
+) -> None:
+    def fake_run(tree: object, args: list[str], timeout: float = 60) -> str:
+        return answers[args[0]]
+
+    monkeypatch.setattr(prov, "_run_qemu", fake_run)
+    with pytest.raises(prov.ProvisionError, match=needle):
+        prov.check_qemu(tmp_path)
