@@ -20,13 +20,12 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import uvloop
 
+from bench.devserver_process import start_server
 from vmm_client.qemu.launch import GuestResult, run_in_guest
 from vmm_client.vfio_user.bridge import open_bridge
 
@@ -49,32 +48,6 @@ def compile_probe(directory: Path) -> bytes:
         check=True,
     )
     return binary.read_bytes()
-
-
-def start_server(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    sock = directory / "dev.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "devserver",
-            "--listen",
-            f"unix:{sock}",
-            "--log-level",
-            "error",
-            "--device",
-            "pci-testdev",
-            "--device",
-            "pci-testdev,slot=4,name=second",
-        ],
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("bench: device server did not start")
-        time.sleep(0.05)
-    return proc, f"unix:{sock}"
 
 
 async def served(
@@ -122,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o700)
         probe = compile_probe(Path(tmp))
-        proc, address = start_server(Path(tmp))
+        proc, address = start_server(Path(tmp), ("pci-testdev", "pci-testdev,slot=4,name=second"))
         try:
             for _ in range(args.runs):
                 plain_boot.append(run_in_guest("true").boot_seconds)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.stream import start_server
+from bench.devserver_process import start_server
 from vmm_client.client import FrontendOptions, SyncSession
 from vmm_client.kvm.boot import LOAD_ADDRESS, enter_long_mode, load_program
 from vmm_client.kvm.devices import DEBUG_EXIT_PORT, DebugExit, PciHost

@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.devserver_process import start_server
 from vmm_client.client import AsyncSession, FrontendOptions, SyncSession, open_channel
 
-ROOT = Path(__file__).resolve().parent.parent
 SLOT, IO_BAR, SCRATCH = 1, 0, 0x04
 
 
@@ -101,21 +101,6 @@ def sync_read_us(address: str, reads: int) -> float:
         for _ in range(reads):
             s.config_read(0, SLOT, 0, 0, 4)
         return (time.perf_counter() - start) / reads * 1e6
-
-
-def start_server(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    sock = directory / "bench.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "devserver", "--listen", f"unix:{sock}", "--log-level", "error"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("bench: device server did not start")
-        time.sleep(0.05)
-    return proc, f"unix:{sock}"
 
 
 def summary(name: str, values: list[float], fmt: Callable[[float], str]) -> str:
