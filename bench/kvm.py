@@ -13,7 +13,12 @@ to an exit, even emulated). Medians of --runs runs, with min and max:
 - config read: `in` from 0xCFC -> PciHost -> SyncSession -> gRPC -> a device
   server in another process -> back into the guest;
 - IO BAR read: `in` from the test device's IO BAR, routed by the routing table;
-- posted IO BAR write: `out` to it (BarWrite, no reply awaited).
+- posted IO BAR write: `out` to it (BarWrite, no reply awaited);
+- memslot move: KVM_SET_USER_MEMORY_REGION re-addressing a 1 MiB slot (the
+  ioctl alone, from Python);
+- shared BAR move, whole path: the guest writes a vesa-fb's VRAM BAR (config
+  write through 0xCF8/0xCFC) back and forth; each write is a round trip to the
+  server, whose BarDecodeChanged event moves the memslot before the reply.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from bench.devserver_process import start_server
 from vmm_client.client import FrontendOptions, SyncSession
 from vmm_client.kvm.boot import LOAD_ADDRESS, enter_long_mode, load_program
 from vmm_client.kvm.devices import DEBUG_EXIT_PORT, DebugExit, PciHost
-from vmm_client.kvm.vm import Vm
+from vmm_client.kvm.vm import GuestRam, Vm
 
 CF8, CFC = 0xCF8, 0xCFC
 IO_BAR_BASE = 0xC000
+FB_SLOT = 2
+FB_A, FB_B = 0x6000_0000, 0x7000_0000  # below 2 GiB, like the MMIO case's store
 EXIT = b"\x31\xc0\xe7" + bytes((DEBUG_EXIT_PORT,))  # xor eax, eax; out 0xf4, eax
 
 
@@ -50,10 +57,10 @@ def _loop(body: bytes, n: int) -> bytes:
     return b"\xb9" + struct.pack("<I", n) + body + b"\xff\xc9\x75" + struct.pack("<b", jump)
 
 
-def _config_write(offset: int, value: int) -> bytes:
+def _config_write(offset: int, value: int, slot: int = 1) -> bytes:
     return (
         _mov_dx(CF8)
-        + _mov_eax(0x8000_0800 | offset)  # 00:01.0
+        + _mov_eax(0x8000_0000 | slot << 11 | offset)  # 00:slot.0
         + b"\xef"
         + _mov_dx(CFC)
         + _mov_eax(value)
@@ -75,11 +82,8 @@ def time_guest(code: bytes, n: int, address: str | None = None, user: bool = Fal
         vm.pio.add(range(DEBUG_EXIT_PORT, DEBUG_EXIT_PORT + 4), DebugExit())
         vm.pio.add(range(0x80, 0x81), _Sink())
         pci = PciHost(vm)
-        session = (
-            SyncSession(address, FrontendOptions("bench-kvm"), pci.handle_event)
-            if address
-            else None
-        )
+        options = FrontendOptions("bench-kvm", shared_memory_bars=True)
+        session = SyncSession(address, options, pci.handle_event) if address else None
         try:
             if session is not None:
                 pci.attach(session)
@@ -91,8 +95,25 @@ def time_guest(code: bytes, n: int, address: str | None = None, user: bool = Fal
         finally:
             if session is not None:
                 session.close()
+            pci.shared_bars.close()
     if not result.ok:
         raise SystemExit(f"bench: the guest failed: {result}")
+    return elapsed / n * 1e6
+
+
+def time_memslot_move(n: int) -> float:
+    """Microseconds per KVM_SET_USER_MEMORY_REGION that moves a 1 MiB slot."""
+    extra = GuestRam(1 << 20, "bench-slot")
+    try:
+        with Vm(4 << 20) as vm:
+            slot = vm.add_memslot(FB_A, extra.size, extra.address)
+            start = time.perf_counter()
+            for i in range(n):
+                vm.move_memslot(slot, FB_B if i % 2 == 0 else FB_A)
+            elapsed = time.perf_counter() - start
+            vm.delete_memslot(slot)
+    finally:
+        extra.close()
     return elapsed / n * 1e6
 
 
@@ -104,6 +125,9 @@ def main() -> None:
     args = parser.parse_args()
     n, r = args.exits, args.reads
     setup_bar = _config_write(0x10, IO_BAR_BASE) + _config_write(0x04, 1)  # BAR0, IO decode
+    # The vesa-fb in slot 2: VRAM BAR0 at FB_A, memory decoding on; then move it.
+    setup_fb = _config_write(0x10, FB_A, FB_SLOT) + _config_write(0x04, 2, FB_SLOT)
+    fb_moves = _config_write(0x10, FB_B, FB_SLOT) + _config_write(0x10, FB_A, FB_SLOT)
     unclaimed_store = b"\x89\x04\x25" + struct.pack("<I", 0x7000_0000)
     config_prologue = _mov_dx(CF8) + _mov_eax(0x8000_0800) + b"\xef" + _mov_dx(CFC)
     # name: (loop body, iterations, needs the server, prologue, ring 3)
@@ -121,15 +145,20 @@ def main() -> None:
             setup_bar + _mov_dx(IO_BAR_BASE + 4),
             False,
         ),
+        "shared BAR move, whole path (per move)": (fb_moves, r // 2, True, setup_fb, False),
     }
+    per_iteration = {"shared BAR move, whole path (per move)": 2}
     with tempfile.TemporaryDirectory(prefix="bench-kvm-") as directory:
-        server, address = start_server(Path(directory))
+        server, address = start_server(
+            Path(directory), ("pci-testdev", f"vesa-fb,slot={FB_SLOT},vram=1")
+        )
         try:
             print("| exit | median | min | max |\n|---|---|---|---|")
             for name, (body, count, remote, prologue, user) in cases.items():
                 code = prologue + _loop(body, count) + EXIT
                 values = [
                     time_guest(code, count, address if remote else None, user)
+                    / per_iteration.get(name, 1)
                     for _ in range(args.runs)
                 ]
                 print(
@@ -137,6 +166,12 @@ def main() -> None:
                     f"| {max(values):.1f} us |",
                     flush=True,
                 )
+            moves = [time_memslot_move(n) for _ in range(args.runs)]
+            print(
+                f"| memslot move (KVM_SET_USER_MEMORY_REGION, same slot) | "
+                f"{statistics.median(moves):.1f} us | {min(moves):.1f} us | {max(moves):.1f} us |",
+                flush=True,
+            )
         finally:
             server.terminate()
             server.wait(10)

@@ -9,17 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .devices.blk import MAX_QUEUES as BLK_MAX_QUEUES
 from .devices.blk import VirtioBlk
-from .devices.console import VirtioConsole
+from .devices.console import ConsoleHostEnd, VirtioConsole
+from .devices.framebuffer import DEFAULT_VRAM_MIB, BochsDisplay, vram_size_from_mib
 from .devices.testdev import PciTestDevice
 from .errors import ConfigError
 from .pci.bus import MAX_SLOTS, PciBus
 from .pci.function import PciFunction, Presentation
-from .ports import BlockBackend, ByteStream
+from .ports import BlockBackend, SharedFramebuffer
 from .virtio.pci_transport import VirtioPciFunction
 
 # Keys every device takes; device-specific keys are listed per type.
 COMMON_KEYS = frozenset({"slot", "name"})
+REPEAT_SEP = "\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +30,9 @@ class SpecBackends:
     """What the shell opened for one spec: a disk image, a console's stream."""
 
     block: BlockBackend | None = None
-    stream: ByteStream | None = None
+    stream: ConsoleHostEnd | None = None
+    framebuffer: SharedFramebuffer | None = None
+    console_ports: tuple[tuple[str, ConsoleHostEnd], ...] = ()  # named ports, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,9 @@ class DeviceType:
     summary: str
     keys: frozenset[str]
     build: Callable[[Mapping[str, str], Presentation, int, SpecBackends], PciFunction]
+    # Keys that may be given more than once: their values, in order, are joined
+    # by REPEAT_SEP in the options mapping (a virtio-console's port=).
+    repeatable: frozenset[str] = frozenset()
 
 
 def _build_testdev(
@@ -54,6 +62,8 @@ class BlockOptions:
     path: str
     readonly: bool
     serial: str
+    discard: bool = True  # offer DISCARD and unmapping WRITE_ZEROES (QEMU's discard=)
+    num_queues: int = 1  # request queues (VIRTIO_BLK_F_MQ when more than one)
 
 
 def block_options(options: Mapping[str, str]) -> BlockOptions:
@@ -66,7 +76,17 @@ def block_options(options: Mapping[str, str]) -> BlockOptions:
     serial = options.get("serial", "")
     if len(serial.encode()) > 20:
         raise ConfigError(f"virtio-blk serial={serial!r} is longer than 20 bytes")
-    return BlockOptions(path, readonly == "on", serial)
+    discard = options.get("discard", "on")
+    if discard not in ("on", "off"):
+        raise ConfigError(f"virtio-blk discard={discard!r}: use discard=on or discard=off")
+    raw = options.get("num-queues", "1")
+    try:
+        num_queues = int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"virtio-blk num-queues={raw!r} is not a number") from None
+    if not 1 <= num_queues <= BLK_MAX_QUEUES:
+        raise ConfigError(f"virtio-blk num-queues={num_queues} is not 1..{BLK_MAX_QUEUES}")
+    return BlockOptions(path, readonly == "on", serial, discard == "on", num_queues)
 
 
 def _build_blk(
@@ -78,23 +98,80 @@ def _build_blk(
     backend = backends.block
     if backend is None:
         raise ConfigError("virtio-blk: the disk image was not opened (no backend given)")
-    device = VirtioBlk(backend, serial=block_options(options).serial)
+    checked = block_options(options)
+    device = VirtioBlk(
+        backend,
+        serial=checked.serial,
+        discard=checked.discard,
+        num_queues=checked.num_queues,
+    )
     return VirtioPciFunction(device, presentation=presentation, serial=serial)
+
+
+CONSOLE_CHARDEVS = ("socket", "pty", "stdio")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsolePortOption:
+    """One named port (`port=NAME:socket:PATH`, `NAME:pty[:LINK]`, `NAME:stdio`)."""
+
+    name: str
+    kind: str  # one of CONSOLE_CHARDEVS
+    path: str = ""  # socket: its path; pty: a symlink to make ("" none)
 
 
 @dataclass(frozen=True, slots=True)
 class ConsoleOptions:
-    """virtio-console's keys, checked (the shell listens on `socket`)."""
+    """virtio-console's keys, checked (the shell opens the host ends).
 
-    socket: str
+    Port 0 (hvc0) is `chardev=socket:PATH|pty|stdio` (`socket=PATH` is the same
+    as `chardev=socket:PATH`; `pty-link=PATH` names a symlink to the pty);
+    every `port=` adds a named port (multiport, virtio-serial)."""
+
+    socket: str  # port 0's socket path ("" when it is no socket)
     cols: int
     rows: int
+    kind: str = "socket"  # port 0's host end, one of CONSOLE_CHARDEVS
+    pty_link: str = ""
+    ports: tuple[ConsolePortOption, ...] = ()
+
+    def ends(self) -> list[ConsolePortOption]:
+        """Every port's host end, port 0 first (named "")."""
+        path = self.socket if self.kind == "socket" else self.pty_link
+        return [ConsolePortOption("", self.kind, path), *self.ports]
+
+
+def _console_chardev(text: str, what: str) -> tuple[str, str]:
+    kind, _, rest = text.partition(":")
+    if kind == "socket" and rest:
+        return kind, rest
+    if kind == "pty":
+        return kind, rest
+    if kind == "stdio" and not rest:
+        return kind, ""
+    raise ConfigError(
+        f"virtio-console {what}{text!r}: use socket:PATH, pty (pty:LINK for a port) or stdio"
+    )
 
 
 def console_options(options: Mapping[str, str]) -> ConsoleOptions:
     path = options.get("socket", "")
-    if not path:
-        raise ConfigError("virtio-console needs socket=PATH (a UNIX socket the server listens on)")
+    chardev = options.get("chardev", "")
+    if path and chardev:
+        raise ConfigError("virtio-console: give socket=PATH or chardev=..., not both")
+    if not path and not chardev:
+        raise ConfigError(
+            "virtio-console needs chardev=socket:PATH|pty|stdio "
+            "(or socket=PATH, a UNIX socket the server listens on)"
+        )
+    kind = "socket"
+    if chardev:
+        kind, path = _console_chardev(chardev, "chardev=")
+        if kind == "pty" and path:
+            raise ConfigError("virtio-console chardev=pty takes its symlink as pty-link=PATH")
+    pty_link = options.get("pty-link", "")
+    if pty_link and kind != "pty":
+        raise ConfigError("virtio-console pty-link= needs chardev=pty")
     sizes: list[int] = []
     for key, default in (("cols", 80), ("rows", 25)):
         raw = options.get(key, str(default))
@@ -105,7 +182,27 @@ def console_options(options: Mapping[str, str]) -> ConsoleOptions:
         if not 0 <= value <= 0xFFFF:
             raise ConfigError(f"virtio-console {key}={value} is not 0..65535")
         sizes.append(value)
-    return ConsoleOptions(path, sizes[0], sizes[1])
+    ports: list[ConsolePortOption] = []
+    raw_ports = options.get("port", "")
+    for item in raw_ports.split(REPEAT_SEP) if raw_ports else []:
+        name, sep, rest = item.partition(":")
+        if not sep or not name:
+            raise ConfigError(
+                f"virtio-console port={item!r}: use port=NAME:socket:PATH, NAME:pty or NAME:stdio"
+            )
+        if any(p.name == name for p in ports):
+            raise ConfigError(f"virtio-console has two ports named {name!r}")
+        port_kind, port_path = _console_chardev(rest, f"port={name}:")
+        ports.append(ConsolePortOption(name, port_kind, port_path))
+    checked = ConsoleOptions(
+        path if kind == "socket" else "", sizes[0], sizes[1], kind, pty_link, tuple(ports)
+    )
+    if [e.kind for e in checked.ends()].count("stdio") > 1:
+        raise ConfigError("virtio-console: only one port can take the server's stdio")
+    sockets = [e.path for e in checked.ends() if e.kind == "socket"]
+    if len(set(sockets)) != len(sockets):
+        raise ConfigError("virtio-console: two ports on the same socket path")
+    return checked
 
 
 def _build_console(
@@ -115,10 +212,44 @@ def _build_console(
     backends: SpecBackends,
 ) -> PciFunction:
     if backends.stream is None:
-        raise ConfigError("virtio-console: its socket was not opened (no stream given)")
+        raise ConfigError(
+            "virtio-console: its socket was not opened (no host end given: socket, pty or stdio)"
+        )
     checked = console_options(options)
-    device = VirtioConsole(backends.stream, cols=checked.cols, rows=checked.rows)
+    if len(backends.console_ports) != len(checked.ports):
+        raise ConfigError("virtio-console: its named ports' host ends were not opened")
+    device = VirtioConsole(
+        backends.stream, cols=checked.cols, rows=checked.rows, ports=backends.console_ports
+    )
     return VirtioPciFunction(device, presentation=presentation, serial=serial)
+
+
+@dataclass(frozen=True, slots=True)
+class FramebufferOptions:
+    """vesa-fb's keys, checked (the shell creates `vram_size` bytes of shared memory)."""
+
+    vram_size: int
+    edid: bool
+
+
+def framebuffer_options(options: Mapping[str, str]) -> FramebufferOptions:
+    vram = vram_size_from_mib(options.get("vram", str(DEFAULT_VRAM_MIB)))
+    edid = options.get("edid", "on")
+    if edid not in ("on", "off"):
+        raise ConfigError(f"vesa-fb edid={edid!r}: use edid=on or edid=off")
+    return FramebufferOptions(vram, edid == "on")
+
+
+def _build_framebuffer(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backends: SpecBackends,
+) -> PciFunction:
+    if backends.framebuffer is None:
+        raise ConfigError("vesa-fb: its shared memory was not created (no framebuffer given)")
+    checked = framebuffer_options(options)
+    return BochsDisplay(backends.framebuffer, presentation, serial, edid=checked.edid)
 
 
 DEVICE_TYPES: dict[str, DeviceType] = {
@@ -132,16 +263,26 @@ DEVICE_TYPES: dict[str, DeviceType] = {
         ),
         DeviceType(
             "virtio-blk",
-            "virtio block device over a raw image file: path=IMAGE[,readonly=on][,serial=ID]",
-            frozenset({"path", "readonly", "serial"}),
+            "virtio block device over a raw image file: path=IMAGE[,readonly=on][,serial=ID]"
+            f"[,discard=on|off][,num-queues=1..{BLK_MAX_QUEUES}]",
+            frozenset({"path", "readonly", "serial", "discard", "num-queues"}),
             _build_blk,
         ),
         DeviceType(
             "virtio-console",
-            "virtio console (one port) on a UNIX socket the server listens on: "
-            "socket=PATH[,cols=80][,rows=25]",
-            frozenset({"socket", "cols", "rows"}),
+            "virtio console: hvc0 on chardev=socket:PATH|pty|stdio (or socket=PATH)"
+            "[,pty-link=PATH][,cols=80][,rows=25], and named ports (virtio-serial) "
+            "[,port=NAME:socket:PATH|NAME:pty[:LINK]|NAME:stdio]...",
+            frozenset({"socket", "chardev", "pty-link", "cols", "rows", "port"}),
             _build_console,
+            repeatable=frozenset({"port"}),
+        ),
+        DeviceType(
+            "vesa-fb",
+            "VESA framebuffer (QEMU bochs-display compatible; Linux's bochs driver) with "
+            "shared-memory VRAM: [vram=MiB (power of two, default 16)][,edid=on|off]",
+            frozenset({"vram", "edid"}),
+            _build_framebuffer,
         ),
     )
 }
@@ -176,6 +317,9 @@ def parse_device_spec(text: str) -> DeviceSpec:
             raise ConfigError(
                 f"--device {text!r}: {type_name} has no option {key!r} (it takes {allowed})"
             )
+        if key in options and key in dtype.repeatable and REPEAT_SEP not in value:
+            options[key] += REPEAT_SEP + value
+            continue
         if key in options:
             raise ConfigError(f"--device {text!r}: {key!r} given twice")
         options[key] = value
@@ -201,11 +345,13 @@ def build_bus(
     specs: Sequence[DeviceSpec],
     presentation: Presentation = Presentation(),
     block_backends: Mapping[int, BlockBackend] | None = None,
-    streams: Mapping[int, ByteStream] | None = None,
+    streams: Mapping[int, ConsoleHostEnd] | None = None,
+    framebuffers: Mapping[int, SharedFramebuffer] | None = None,
+    console_ports: Mapping[int, Sequence[tuple[str, ConsoleHostEnd]]] | None = None,
 ) -> PciBus:
     """Build bus 0 with every device, presented as the frontend can take them.
     `block_backends` maps a spec's index to the disk the shell opened for it,
-    `streams` to a console's host stream."""
+    `streams` to a console's host stream, `framebuffers` to a vesa-fb's VRAM."""
     blocks = block_backends or {}
     opened = streams or {}
     bus = PciBus()
@@ -226,7 +372,12 @@ def build_bus(
     for i in order:
         spec = specs[i]
         dtype = DEVICE_TYPES[spec.type]
-        backends = SpecBackends(blocks.get(i), opened.get(i))
+        backends = SpecBackends(
+            blocks.get(i),
+            opened.get(i),
+            (framebuffers or {}).get(i),
+            tuple((console_ports or {}).get(i, ())),
+        )
         function = dtype.build(spec.options, presentation, 0x5EED_0000 + i, backends)
         function.name = names[i]
         bus.plug(function, spec.slot)

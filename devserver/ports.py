@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .effects import SharedMemory
+
 
 class BlockBackend(Protocol):
     """A disk image addressed in bytes (virtio 1.2 §5.2 Block Device's backing).
@@ -54,3 +56,20 @@ class ByteStream(Protocol):
 
     def write(self, data: bytes) -> bool:
         """Send `data` to the host; False: dropped (no peer, or its buffer is full)."""
+
+
+class SharedFramebuffer(Protocol):
+    """Memory a shared-memory BAR's bytes live in (the VESA framebuffer's VRAM).
+
+    The frontend maps the same bytes through `backing` (guest stores land there
+    directly, no exit); the device reads them (screendumps) and serves the BAR
+    accesses a frontend forwards instead of mapping, through `view`.
+    """
+
+    @property
+    def backing(self) -> SharedMemory:
+        """Where a frontend maps these bytes (`backing.size` == len(view))."""
+
+    @property
+    def view(self) -> memoryview:
+        """The bytes, writable, exactly `backing.size` long."""

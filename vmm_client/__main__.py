@@ -2,7 +2,7 @@
 
 python -m vmm_client probe [--devserver ADDR]   enumerate and program the bus like a guest
 python -m vmm_client qemu ...                   boot Linux under QEMU through the vfio-user bridge
-python -m vmm_client run --guest-program FILE   run a freestanding program in our KVM VMM
+python -m vmm_client run --guest-program FILE [--smp N]   a freestanding program in our KVM VMM
 python -m vmm_client run --kernel K [--initrd I] -m 512M   boot Linux in our KVM VMM (VMX/SVM)
 """
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--initrd", type=Path, help="initramfs for --kernel")
     run.add_argument("--append", default="", help="extra kernel command line for --kernel")
-    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs for --kernel")
+    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default: 1)")
     run.add_argument(
         "--force",
         action="store_true",
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     import tempfile
 
     from .kvm.guest.build import build_pcitest
-    from .kvm.runner import run_program
+    from .kvm.runner import check_memory, run_program
     from .kvm.vm import PVM_NOTE, kvm_flavour
 
     if args.kernel is not None:
@@ -146,19 +146,28 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("vmm_client: error: give --guest-program FILE or --build-pcitest")
     if kvm_flavour() == "pvm":
         print(f"note: {PVM_NOTE}", file=sys.stderr)
+    memory = parse_size(args.memory)
+    try:
+        check_memory(memory)
+    except ValueError as e:
+        raise SystemExit(f"vmm_client: error: {e}") from None
     if args.build_pcitest:
         with tempfile.TemporaryDirectory(prefix="pcitest-") as directory:
             image = build_pcitest(Path(directory)).read_bytes()
     else:
         image = args.guest_program.read_bytes()
-    run = run_program(
-        image,
-        None if args.no_devserver else args.devserver,
-        memory=parse_size(args.memory),
-        timeout=args.timeout,
-        tls=_tls(args),
-        user=args.ring3,
-    )
+    try:
+        run = run_program(
+            image,
+            None if args.no_devserver else args.devserver,
+            memory=memory,
+            timeout=args.timeout,
+            tls=_tls(args),
+            user=args.ring3,
+            ncpus=args.smp,
+        )
+    except ValueError as e:  # a program that does not fit, a bad --smp: say so in one line
+        raise SystemExit(f"vmm_client: error: {e}") from None
     sys.stdout.flush()
     result = run.result
     exits = ", ".join(f"{n} {k}" for k, n in sorted(result.exits.items()))
@@ -167,7 +176,8 @@ def _run(args: argparse.Namespace) -> int:
         + (f" status {result.status}" if result.status is not None else "")
         + (f": {result.message}" if result.message else "")
         + f" after {result.seconds:.2f} s ({exits}; {run.config_accesses} config and "
-        f"{run.bar_accesses} BAR accesses forwarded, {run.msis} MSIs)",
+        f"{run.bar_accesses} BAR accesses forwarded, {run.msis} MSIs, "
+        f"{sum(1 for _, up in run.irq_lines if up)} INTx assertions)",
         file=sys.stderr,
     )
     if result.reason == "exit-port" and result.status is not None:

@@ -476,9 +476,15 @@ class SyncSession:
         return self._run(self._session.bar_read(device_id, bar, offset, size))
 
     def bar_write(self, device_id: int, bar: int, offset: int, size: int, value: int) -> None:
-        self._loop.call_soon_threadsafe(
-            self._session.bar_write, device_id, bar, offset, size, value
-        )
+        """Posted; safe from any thread (each caller's accesses stay in its order)."""
+        self._loop.call_soon_threadsafe(self._post_bar_write, device_id, bar, offset, size, value)
+
+    def _post_bar_write(self, device_id: int, bar: int, offset: int, size: int, value: int) -> None:
+        # On the loop thread, where nobody could catch the error: a posted write
+        # to a session that has ended is lost (as one to a pulled card), and the
+        # caller's next read or config write reports why.
+        with contextlib.suppress(ClientError):
+            self._session.bar_write(device_id, bar, offset, size, value)
 
     def reset_device(self, device_id: int) -> list[Effect]:
         return self._run(self._session.reset_device(device_id))

@@ -13,7 +13,8 @@ that does not read.
 The socket lives on the service's event loop; the device calls readable/read/
 write from a worker thread, so the shared state is under a threading.Lock and
 anything touching the transport is handed to the loop (call_soon_threadsafe).
-`on_readable` is called on the loop whenever bytes from the client arrive.
+`on_readable` is called on the loop whenever bytes from the client arrive and
+when a client comes or goes (a multiport driver hears of it as PORT_OPEN).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
 
-from ..config import DeviceSpec, console_options
 from ..errors import ConfigError
 
 RX_LIMIT: Final = 64 * 1024
@@ -40,8 +40,9 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not necessarily an asyncio.Transport
+        # subclass (uvloop's UnixTransport is not): it has the same methods.
+        self.transport = cast("asyncio.Transport", transport)
         self.owner._connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -88,6 +89,9 @@ class SocketConsole:
         self._tx_pending = 0  # handed to the loop, not yet to the transport
         self._tx_buffered = 0  # in the transport's buffer when last looked at
         self.on_readable: Callable[[], None] | None = None
+        self.on_resize: Callable[[], None] | None = None  # never called: a socket has no size
+        self.drop_sink: Callable[[int], None] | None = None
+        self.dropped = 0  # bytes for the client refused (none attached, or it does not read)
         self.clients = 0
         self.refused = 0
 
@@ -140,6 +144,7 @@ class SocketConsole:
         client.transport.set_write_buffer_limits(high=TX_LIMIT // 2)
         if pause:
             client.transport.pause_reading()
+        self._wake()  # a multiport driver is told the port's host end opened
 
     def _received(self, client: _Client, data: bytes) -> None:
         with self._lock:
@@ -151,15 +156,21 @@ class SocketConsole:
                 self._paused = True
         if pause and client.transport is not None:
             client.transport.pause_reading()
-        callback = self.on_readable
-        if callback is not None:
-            callback()
+        self._wake()
 
     def _disconnected(self, client: _Client) -> None:
         with self._lock:
-            if client is self._client:
+            gone = client is self._client
+            if gone:
                 self._client = None
                 self._paused = False
+        if gone:
+            self._wake()
+
+    def _wake(self) -> None:
+        callback = self.on_readable
+        if callback is not None:
+            callback()
 
     def _drained(self, client: _Client) -> None:
         with self._lock:
@@ -205,17 +216,29 @@ class SocketConsole:
             self._call(self._resume)
         return data
 
+    def window_size(self) -> tuple[int, int] | None:
+        return None  # the configured cols x rows stand
+
     def write(self, data: bytes) -> bool:
         with self._lock:
             client = self._client
             if client is None or self._tx_pending + self._tx_buffered + len(data) > TX_LIMIT:
+                self._count_dropped(len(data))
                 return False
             self._tx_pending += len(data)
         if not self._call(self._send, client, bytes(data)):
             with self._lock:
                 self._tx_pending -= len(data)
+                self._count_dropped(len(data))
             return False
         return True
+
+    def _count_dropped(self, n: int) -> None:
+        """Under self._lock."""
+        self.dropped += n
+        sink = self.drop_sink
+        if sink is not None:
+            sink(n)
 
     def _call(self, callback: Callable[..., None], *args: object) -> bool:
         loop = self._loop
@@ -236,18 +259,3 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def open_console_sockets(specs: Sequence[DeviceSpec]) -> dict[int, SocketConsole]:
-    """Listen on the socket of every virtio-console spec (by spec index), or
-    ConfigError with every one opened so far closed again."""
-    opened: dict[int, SocketConsole] = {}
-    try:
-        for i, spec in enumerate(specs):
-            if spec.type == "virtio-console":
-                opened[i] = SocketConsole(console_options(spec.options).socket)
-    except BaseException:
-        for console in opened.values():
-            console.close()
-        raise
-    return opened

@@ -1,9 +1,11 @@
 """A raw disk image file as a BlockBackend (ports.py; virtio 1.2 §5.2 Block Device).
 
 Positional I/O only (os.pread/os.pwrite), so no shared file offset exists for
-two calls to race on. Discard and write-zeroes punch holes
-(fallocate PUNCH_HOLE|KEEP_SIZE, which reads back zeroes); a filesystem that
-cannot punch gets zeroes written for WRITE_ZEROES and nothing for DISCARD
+two calls to race on. DISCARD and WRITE_ZEROES with unmap punch holes
+(fallocate PUNCH_HOLE|KEEP_SIZE: the blocks go back to the host filesystem and
+the range reads zeroes); WRITE_ZEROES without unmap keeps the blocks allocated
+(fallocate ZERO_RANGE|KEEP_SIZE, as QEMU's file-posix does). A filesystem that
+cannot do either gets zeroes written for WRITE_ZEROES and nothing for DISCARD
 (a hint the device may ignore, §5.2.6.2).
 """
 
@@ -24,6 +26,9 @@ _ZERO_CHUNK: Final = 1 << 20
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
+FALLOC_FL_ZERO_RANGE: Final = 0x10
+# What a filesystem without the fallocate mode answers (the mode is then off for good).
+_UNSUPPORTED: Final = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -74,6 +79,7 @@ class FileBlockBackend:
         self._size = size
         self._read_only = read_only
         self._can_punch = True
+        self._can_zero_range = True
 
     @property
     def size(self) -> int:
@@ -118,8 +124,20 @@ class FileBlockBackend:
         try:
             fallocate(self._open_fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if e.errno in _UNSUPPORTED:
                 self._can_punch = False
+                return False
+            raise
+        return True
+
+    def _zero_range(self, offset: int, length: int) -> bool:
+        if not self._can_zero_range:
+            return False
+        try:
+            fallocate(self._open_fd(), FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                self._can_zero_range = False
                 return False
             raise
         return True
@@ -128,9 +146,10 @@ class FileBlockBackend:
         self._punch(offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
-        # A punched hole reads zeroes, so it serves both with and without unmap
-        # on a file (no space is promised to stay allocated for raw images).
-        if self._punch(offset, length):
+        # A punched hole reads zeroes and frees the blocks: what unmap allows.
+        if unmap and self._punch(offset, length):
+            return
+        if self._zero_range(offset, length):
             return
         zeroes = bytes(min(_ZERO_CHUNK, length))
         done = 0

@@ -1,6 +1,8 @@
 """virtio-blk (virtio 1.2 §5.2 Block Device).
 
-One request queue. A request is a chain (§5.2.6):
+One request queue, or `num_queues` of them with VIRTIO_BLK_F_MQ (§5.2.3; Linux
+makes one hardware queue per queue up to its CPU count, and the transport gives
+each its own MSI-X vector). A request is a chain (§5.2.6):
 
     readable   struct virtio_blk_req header: le32 type, le32 reserved, le64 sector
     readable   OUT data, or DISCARD / WRITE_ZEROES segments (16 bytes each)
@@ -13,8 +15,14 @@ head is returned (reliability.md C9, cloud-hypervisor#8401: a head kept back
 stalls the queue); the status byte is written when the chain has one, and a
 chain with none is returned with length 0.
 
+Discard and write-zeroes free the image's blocks (the backend punches holes):
+DISCARD always, WRITE_ZEROES when the driver sets the UNMAP flag, which
+`write_zeroes_may_unmap` invites. `discard=False` (QEMU's discard=off) offers
+neither DISCARD nor unmapping; WRITE_ZEROES then zeroes and keeps the blocks.
+
 The disk is a `BlockBackend` (ports.py), called synchronously here; the service
-runs this device's work off the event loop, one call at a time per device.
+runs this device's work off the event loop, one call at a time per device
+(every queue of it included).
 """
 
 from __future__ import annotations
@@ -37,9 +45,24 @@ SEG_MAX: Final = QUEUE_SIZE - 2  # header and status take a descriptor each (QEM
 ID_BYTES: Final = 20  # §5.2.6: VIRTIO_BLK_ID_BYTES
 # Limits offered in the configuration structure (§5.2.4), in 512-byte sectors.
 MAX_DISCARD_SECTORS: Final = 1 << 22  # 2 GiB a segment
-MAX_DISCARD_SEG: Final = 1
+# Segments a request may carry (Linux merges discards up to this): 16 bytes
+# each, so a request's segment list is at most 512 bytes to read.
+MAX_DISCARD_SEG: Final = 32
+# Linux's discard granularity (<< 9): 4 KiB, the host filesystem block a hole
+# punch frees whole (a smaller range would only be zeroed) and the guest page.
+DISCARD_SECTOR_ALIGNMENT: Final = 8
 MAX_WRITE_ZEROES_SECTORS: Final = 1 << 22
-MAX_WRITE_ZEROES_SEG: Final = 1
+MAX_WRITE_ZEROES_SEG: Final = 32
+# Topology (VIRTIO_BLK_F_TOPOLOGY), in logical blocks: 4 KiB physical blocks
+# (2^3 sectors), the host filesystem's and page cache's unit, so a guest
+# filesystem picks 4 KiB blocks and aligns to them; optimal I/O is what the
+# device moves per step (CHUNK, 1 MiB).
+PHYSICAL_BLOCK_EXP: Final = 3
+MIN_IO_SECTORS: Final = 8
+OPT_IO_SECTORS: Final = (1 << 20) >> 9
+# Queues with num_queues (VIRTIO_BLK_F_MQ): each costs a queue and an MSI-X
+# vector; more than a guest has vCPUs buys nothing.
+MAX_QUEUES: Final = 16
 # Bytes moved between guest memory and the backend per step: a guest's lengths
 # never decide how much the server allocates at once.
 CHUNK: Final = 1 << 20
@@ -50,6 +73,8 @@ VIRTIO_BLK_F_SEG_MAX: Final = 2
 VIRTIO_BLK_F_RO: Final = 5
 VIRTIO_BLK_F_BLK_SIZE: Final = 6
 VIRTIO_BLK_F_FLUSH: Final = 9
+VIRTIO_BLK_F_TOPOLOGY: Final = 10
+VIRTIO_BLK_F_MQ: Final = 12
 VIRTIO_BLK_F_DISCARD: Final = 13
 VIRTIO_BLK_F_WRITE_ZEROES: Final = 14
 
@@ -149,7 +174,16 @@ class VirtioBlk(VirtioDevice):
     device_type = VirtioDeviceId.BLOCK
     pci_class_code = 0x018000  # mass storage, other (QEMU's virtio-blk-pci)
 
-    def __init__(self, backend: BlockBackend, *, serial: str = "") -> None:
+    def __init__(
+        self,
+        backend: BlockBackend,
+        *,
+        serial: str = "",
+        discard: bool = True,
+        num_queues: int = 1,
+    ) -> None:
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise ConfigError(f"virtio-blk num-queues={num_queues} is not 1..{MAX_QUEUES}")
         if backend.size % SECTOR_SIZE:
             raise ConfigError(f"a disk image of {backend.size} bytes is not a multiple of 512")
         encoded = serial.encode()
@@ -158,14 +192,20 @@ class VirtioBlk(VirtioDevice):
         features = (
             feature_bit(VIRTIO_BLK_F_SEG_MAX)
             | feature_bit(VIRTIO_BLK_F_BLK_SIZE)
+            | feature_bit(VIRTIO_BLK_F_TOPOLOGY)
             | feature_bit(VIRTIO_BLK_F_FLUSH)
-            | feature_bit(VIRTIO_BLK_F_DISCARD)
             | feature_bit(VIRTIO_BLK_F_WRITE_ZEROES)
         )
+        if discard:
+            features |= feature_bit(VIRTIO_BLK_F_DISCARD)
+        if num_queues > 1:
+            features |= feature_bit(VIRTIO_BLK_F_MQ)
         if backend.read_only:
             features |= feature_bit(VIRTIO_BLK_F_RO)
-        super().__init__((QUEUE_SIZE,), features)
+        super().__init__((QUEUE_SIZE,) * num_queues, features)
         self.backend = backend
+        self.discard = discard
+        self.num_queues = num_queues
         self.serial = encoded.ljust(ID_BYTES, b"\0")
         self.capacity = backend.size >> SECTOR_SHIFT
         self.errors = 0  # requests answered with a status other than OK
@@ -179,19 +219,19 @@ class VirtioBlk(VirtioDevice):
             0,
             0,  # geometry: not offered
             SECTOR_SIZE,
-            0,
-            0,
-            0,
-            0,  # topology: not offered
+            PHYSICAL_BLOCK_EXP,
+            0,  # alignment_offset
+            MIN_IO_SECTORS,
+            OPT_IO_SECTORS,
             0,  # writeback: not offered (CONFIG_WCE)
             0,
-            1,  # num_queues
-            MAX_DISCARD_SECTORS,
-            MAX_DISCARD_SEG,
-            1,  # discard_sector_alignment, in sectors
+            self.num_queues,
+            MAX_DISCARD_SECTORS if self.discard else 0,
+            MAX_DISCARD_SEG if self.discard else 0,
+            DISCARD_SECTOR_ALIGNMENT if self.discard else 0,
             MAX_WRITE_ZEROES_SECTORS,
             MAX_WRITE_ZEROES_SEG,
-            1,  # write_zeroes_may_unmap
+            int(self.discard),  # write_zeroes_may_unmap
         )
 
     def notify(self, queue_index: int) -> bool:
@@ -237,7 +277,9 @@ class VirtioBlk(VirtioDevice):
                 case 8:  # VIRTIO_BLK_T_GET_ID
                     writer = Writer(memory, request.writable)
                     return VIRTIO_BLK_S_OK, writer.write(self.serial)
-                case 11 | 13:  # DISCARD, WRITE_ZEROES
+                case 11 if self.discard:  # VIRTIO_BLK_T_DISCARD
+                    self._ranges(memory, request)
+                case 13:  # VIRTIO_BLK_T_WRITE_ZEROES
                     self._ranges(memory, request)
                 case _:
                     return VIRTIO_BLK_S_UNSUPP, 0
@@ -303,5 +345,7 @@ class VirtioBlk(VirtioDevice):
             if discard:
                 self.backend.discard(offset, size)
             else:
-                unmap = bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+                # Without discard, write_zeroes_may_unmap is 0: the flag asks for
+                # nothing the device offered, so the blocks stay (QEMU's rule).
+                unmap = self.discard and bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
                 self.backend.write_zeroes(offset, size, unmap=unmap)

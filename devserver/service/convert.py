@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from devmodel.v1 import devmodel_pb2 as pb
 
+from ..devices.framebuffer import DisplayMode
 from ..effects import (
     AddressRange,
     BarDecodeChanged,
@@ -18,6 +19,7 @@ from ..effects import (
 from ..memory import MemoryRegion
 from ..pci.bus import PciBus
 from ..pci.regs import EXT_CONFIG_SPACE_SIZE
+from .protocol import MAX_MESSAGE_BYTES
 
 _KIND_TO_PB = {
     BarKind.IO: pb.BAR_KIND_IO,
@@ -40,6 +42,18 @@ def _range(r: AddressRange | None) -> pb.AddressRange | None:
     return None if r is None else pb.AddressRange(base=r.base, size=r.size)
 
 
+def backing_to_pb(backing: SharedMemory | None) -> pb.SharedMemoryBacking | None:
+    if backing is None:
+        return None
+    return pb.SharedMemoryBacking(
+        path=backing.path, file_offset=backing.file_offset, size=backing.size
+    )
+
+
+def backing_from_pb(backing: pb.SharedMemoryBacking) -> SharedMemory:
+    return SharedMemory(backing.path, backing.file_offset, backing.size)
+
+
 def event_to_pb(effect: Effect, request_id: int | None = None) -> pb.Event:
     """The event for an effect; a DmaRequested carries `request_id` (default: its token)."""
     match effect:
@@ -54,11 +68,7 @@ def event_to_pb(effect: Effect, request_id: int | None = None) -> pb.Event:
                     old_range=_range(effect.old),
                     new_range=_range(effect.new),
                     decoding=effect.decoding,
-                    backing=None
-                    if backing is None
-                    else pb.SharedMemoryBacking(
-                        path=backing.path, file_offset=backing.file_offset, size=backing.size
-                    ),
+                    backing=backing_to_pb(backing),
                     generation=effect.generation,
                 )
             )
@@ -164,6 +174,7 @@ def topology_to_pb(bus: PciBus) -> pb.Topology:
                         size=spec.size,
                         prefetchable=spec.prefetchable,
                         shared_memory=spec.backing is not None,
+                        backing=backing_to_pb(spec.backing),
                     )
                     for spec in function.bars
                 ],
@@ -173,3 +184,44 @@ def topology_to_pb(bus: PciBus) -> pb.Topology:
             )
         )
     return pb.Topology(devices=devices, ecam_size=256 * 32 * 8 * EXT_CONFIG_SPACE_SIZE)
+
+
+def display_mode_to_pb(mode: DisplayMode) -> pb.DisplayMode:
+    return pb.DisplayMode(
+        width=mode.width,
+        height=mode.height,
+        bpp=mode.bpp,
+        stride=mode.stride,
+        offset=mode.offset,
+        big_endian=mode.big_endian,
+    )
+
+
+# What one ServerMessage may hold: the limit less room for the message's own
+# framing (a few bytes an item, counted generously).
+_MESSAGE_BUDGET = MAX_MESSAGE_BYTES - 64 * 1024
+
+
+def split_items(
+    items: list[pb.ServerItem], budget: int = _MESSAGE_BUDGET
+) -> list[list[pb.ServerItem]]:
+    """Cut a run of items into messages under the size limit, order kept.
+
+    Replies can outgrow the requests that asked for them (a batch of 8-byte
+    BAR reads under 4 MiB answers with more than 4 MiB), and a message over
+    the limit would end the stream. An item alone is always under the limit
+    (DMA payloads are at most MAX_DMA_BYTES).
+    """
+    chunks: list[list[pb.ServerItem]] = []
+    chunk: list[pb.ServerItem] = []
+    size = 0
+    for item in items:
+        n = item.ByteSize() + 8
+        if chunk and size + n > budget:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks

@@ -6,6 +6,8 @@ without breaking it:
     1.0  the Attach stream, Hello/Welcome, config and BAR accesses, events
     1.1  MemoryMapUpdate (the frontend's memory map may change after Hello),
          DMA served in every memory mode, DMA counters in Stats
+    1.2  Screendump (what a display device shows), BarInfo.backing (a
+         shared-memory BAR's file, known from the topology before it decodes)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import Final
 
 PROTOCOL_MAJOR: Final = 1
-PROTOCOL_MINOR: Final = 1
+PROTOCOL_MINOR: Final = 2
 
 # Optional behaviours a frontend may ask for in Hello.features.
 FEATURES: Final = frozenset({"batching"})
@@ -27,3 +29,5 @@ MAX_DMA_BYTES: Final = 1024 * 1024
 # DMA requests a DMA_MESSAGES frontend may owe the server at once; beyond this
 # a device's transfer fails at once instead of queueing without bound.
 MAX_DMA_OUTSTANDING: Final = 64
+# RGB bytes one Screendump reply carries at most (a 1024x768 picture fits in one).
+MAX_SCREENDUMP_BYTES: Final = 3 * 1024 * 1024

@@ -15,30 +15,31 @@ DMA: a device's DmaRequested effect is carried out here, by memory mode
                 later, matched by request_id) completes it. Nothing waits for
                 the reply: the vCPU may be blocked on a read that must be
                 answered meanwhile (qemu-vfio-user.md §4, caveat 3). At most
-                MAX_DMA_OUTSTANDING are owed; a session's end fails them;
+                MAX_DMA_OUTSTANDING are owed (dma_messages.DmaChannel); one
+                unanswered for the DMA timeout fails; a session's end fails them;
   NONE          completed at once with an error.
 An address outside guest RAM completes the transfer with an error, which the
 device turns into its error status; it never ends the stream. The frontend's
 map may change after Hello (MemoryMapUpdate), validated like Hello's.
 
-Virtio functions (virtio 1.2 §4.1) run their rings in the session's shared
-RAM: it is attached to each one at Hello and again after every
-MemoryMapUpdate. Without shared RAM (DMA_MESSAGES, NONE) rings cannot be
-reached synchronously, so a driver's DRIVER_OK latches DEVICE_NEEDS_RESET
-(logged at attach). A BAR or config write to a virtio function can run the
-device (a kick: disk I/O), so it runs in a worker thread, never on the event
+Virtio functions (virtio 1.2 §4.1) run their rings in the session's guest
+memory: shared RAM, or in DMA_MESSAGES a MessageGuestMemory whose reads and
+writes block the worker thread on a DmaRequest round trip (dma_messages.py;
+the stream is read ahead so those replies are never stuck behind the requests
+that wait for them). It is attached to each one at Hello and again after
+every MemoryMapUpdate. With NONE a driver's DRIVER_OK latches
+DEVICE_NEEDS_RESET (logged at attach). A BAR or config write to a virtio
+function can run the device (a kick: disk I/O, DMA by message), so it runs in
+a worker thread, never on the event
 loop; one asyncio.Lock per device keeps its accesses and its continuations
 from ever interleaving on its state (reliability.md C7). A kick does bounded
 work (QUEUE_WEIGHT chains, C8); what remains runs as continuation tasks on the
 loop, each turn one more bounded step, its interrupts sent as their own
 message (writes to the stream are serialised by a lock).
 
-virtio-console's host end is a UNIX socket (backends/console_socket.py) served
-on this loop from server start. Bytes arriving from its client wake the device:
-a task per device, under the device's lock, kicks receiveq0 in a worker thread
-(the same path as a driver's kick, so nothing moves unless the driver is
-running) and sends the interrupts it raised. Those wakes coalesce: one task
-runs at a time per device and goes round again if more bytes came meanwhile.
+virtio-console's host ends (sockets, ptys, stdio) are served on this loop from
+server start by console_pump.py; what they wake a device to do comes back here
+as effects to send (_deliver_console).
 """
 
 from __future__ import annotations
@@ -55,22 +56,32 @@ import grpc
 from devmodel.v1 import devmodel_pb2 as pb
 from devmodel.v1 import devmodel_pb2_grpc
 
-from ..backends.console_socket import SocketConsole, open_console_sockets
 from ..backends.file_block import FileBlockBackend, open_block_backends
+from ..backends.framebuffer_memfd import MemfdFramebuffer, open_framebuffers
 from ..config import DeviceSpec, build_bus
-from ..devices.console import RECEIVEQ, VirtioConsole
+from ..devices.framebuffer import BochsDisplay
 from ..effects import AddressRange, BarDecodeChanged, DmaRequested, Effect, IntxChanged, MsiRaised
 from ..errors import AccessError, ConfigError, MemoryMapError
 from ..memory import MAX_REGIONS, MemoryTable, perform_dma
 from ..pci.bus import PciBus
 from ..pci.function import PciFunction, Presentation
 from ..virtio.pci_transport import VirtioPciFunction
-from .convert import event_to_pb, region_from_pb, topology_to_pb
+from . import dma_messages
+from .console_pump import ConsolePump
+from .convert import (
+    display_mode_to_pb,
+    event_to_pb,
+    region_from_pb,
+    split_items,
+    topology_to_pb,
+)
+from .dma_messages import DmaChannel, MessageGuestMemory, PendingDma, ReadAhead, reply_outcome
 from .guest_memory import SharedGuestMemory
 from .protocol import (
     FEATURES,
     MAX_DMA_BYTES,
     MAX_DMA_OUTSTANDING,
+    MAX_SCREENDUMP_BYTES,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
 )
@@ -94,16 +105,6 @@ class RequestError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class PendingDma:
-    """A DmaRequest event the frontend has not answered yet."""
-
-    device_id: int
-    token: int
-    length: int
-    write: bool
-
-
 @dataclass(slots=True)
 class Session:
     session_id: int
@@ -111,8 +112,13 @@ class Session:
     bus: PciBus
     mode: int  # pb.MemoryMode
     memory: SharedGuestMemory | MemoryTable
-    dma_pending: dict[int, PendingDma] = field(default_factory=dict)
-    next_dma_id: int = 1
+    # DMA_MESSAGES: what the frontend owes (read at session start: tests shrink it)
+    dma: DmaChannel = field(
+        default_factory=lambda: DmaChannel(MAX_DMA_OUTSTANDING, dma_messages.DMA_TIMEOUT)
+    )
+    messages: MessageGuestMemory | None = None  # DMA_MESSAGES, once the stream is up
+    send: dma_messages.Sender | None = None  # a message of items, on the stream
+    background: set[asyncio.Task[None]] = field(default_factory=set)
     # Per-device serialisation of virtio work (C7), the stream's write lock and
     # the continuation tasks of devices that ran out of budget (C8).
     device_locks: dict[int, asyncio.Lock] = field(default_factory=dict)
@@ -128,10 +134,17 @@ class Session:
         return [f for _, f in self.bus if isinstance(f, VirtioPciFunction)]
 
     def attach_memory(self) -> None:
-        """(Re-)attach shared RAM to every virtio function; None in other modes."""
+        """(Re-)attach guest memory to every virtio function: shared RAM, DMA by
+        message (each function's requests carry its id), or None (NONE)."""
         memory = self.memory if isinstance(self.memory, SharedGuestMemory) else None
+        messages = self.messages
+        if messages is not None and isinstance(self.memory, MemoryTable):
+            messages.set_map(entry.value for entry in self.memory.regions)
         for function in self.virtio_functions():
-            function.attach_memory(memory)
+            if messages is not None:
+                function.attach_memory(messages.for_device(function.device_id))
+            else:
+                function.attach_memory(memory)
 
 
 def _map_error(error: MemoryMapError, prefix: str = "") -> RequestError:
@@ -172,14 +185,22 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         # Disk images open once, at start (a bad one is a ConfigError now, not at
         # attach); every session's devices share them. close() lets them go.
         self._block_backends: dict[int, FileBlockBackend] = open_block_backends(self._specs)
-        self._consoles: dict[int, SocketConsole] = {}
+        self._consoles = ConsolePump([], self.counters)
+        self._framebuffers: dict[int, MemfdFramebuffer] = {}
         try:
-            # Console sockets listen from the start too (served once start() runs).
-            self._consoles = open_console_sockets(self._specs)
+            # A vesa-fb's VRAM memfd lives as long as the server (every session maps it).
+            self._framebuffers = open_framebuffers(self._specs)
+            # Console host ends open from the start too (served once start() runs).
+            self._consoles = ConsolePump(self._specs, self.counters)
             # what Topology shows before any attach
             self._default_bus = build_bus(
-                self._specs, block_backends=self._block_backends, streams=self._consoles
+                self._specs,
+                block_backends=self._block_backends,
+                streams=self._consoles.streams,
+                framebuffers=self._framebuffers,
+                console_ports=self._consoles.ports,
             )
+            self._consoles.count_drops(self._default_bus)
         except BaseException:
             self.close()
             raise
@@ -187,15 +208,12 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         self._next_session = 1
 
     async def start(self) -> None:
-        """Serve the console sockets on the running loop."""
-        for console in self._consoles.values():
-            await console.start()
+        """Serve the console host ends on the running loop."""
+        await self._consoles.start()
 
     async def aclose(self) -> None:
-        """close(), after the console sockets' clients are let go on the loop."""
-        consoles, self._consoles = self._consoles, {}
-        for console in consoles.values():
-            await console.aclose()
+        """close(), after the console host ends are let go on the loop."""
+        await self._consoles.aclose()
         self.close()
 
     def close(self) -> None:
@@ -203,9 +221,10 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         backends, self._block_backends = self._block_backends, {}
         for backend in backends.values():
             backend.close()
-        consoles, self._consoles = self._consoles, {}
-        for console in consoles.values():
-            console.close()
+        self._consoles.close()
+        framebuffers, self._framebuffers = self._framebuffers, {}
+        for framebuffer in framebuffers.values():
+            framebuffer.close()
 
     @property
     def attached(self) -> bool:
@@ -224,6 +243,41 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
     ) -> pb.Topology:
         bus = self._session.bus if self._session is not None else self._default_bus
         return topology_to_pb(bus)
+
+    async def Screendump(
+        self,
+        request: pb.ScreendumpRequest,
+        context: grpc.aio.ServicerContext[pb.ScreendumpRequest, pb.ScreendumpReply],
+    ) -> pb.ScreendumpReply:
+        """Rows of what a display shows, as RGB; no mode when it shows nothing.
+        Read from the shared VRAM as it is now (the guest may be drawing)."""
+        bus = self._session.bus if self._session is not None else self._default_bus
+        try:
+            function = bus.function(request.device_id)
+        except AccessError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise  # not reached: abort raises
+        if not isinstance(function, BochsDisplay):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"device {request.device_id} ({function.name}, {function.type_name}) "
+                "is not a display; Screendump needs a vesa-fb",
+            )
+            raise AssertionError("abort raises")
+        mode = function.mode()
+        if mode is None:
+            return pb.ScreendumpReply()
+        fit = max(1, MAX_SCREENDUMP_BYTES // (mode.width * 3))
+        max_rows = fit if request.max_rows == 0 else min(request.max_rows, fit)
+        shown, rows, rgb = function.screendump(request.first_row, max_rows)
+        if shown is None:
+            return pb.ScreendumpReply()
+        return pb.ScreendumpReply(
+            mode=display_mode_to_pb(shown),
+            first_row=min(request.first_row, shown.height),
+            rows=rows,
+            rgb=rgb,
+        )
 
     async def GetStats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext[pb.StatsRequest, pb.Stats]
@@ -251,6 +305,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                     resets=d.resets,
                     dma_requests=d.dma_requests,
                     dma_errors=d.dma_errors,
+                    console_bytes_dropped=d.console_bytes_dropped,
                 )
                 for device_id, d in sorted(c.devices.items())
             ],
@@ -264,29 +319,40 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
     ) -> None:
         session: Session | None = None
+        reader: ReadAhead | None = None
         try:
             first = await context.read()
             if first is grpc.aio.EOF:
                 return
             assert isinstance(first, pb.FrontendMessage)
             session, welcome_seq = self._open(first)
-            self._wire_consoles(session, context)
+            self._consoles.wire(session, functools.partial(self._deliver_console, session, context))
+            self._wire_messages(session, context)
             await context.write(
                 pb.ServerMessage(items=[pb.ServerItem(reply=self._welcome(session, welcome_seq))])
             )
             self.counters.server_messages += 1
+            # Read ahead from here: a worker blocked on a DMA reply holds its
+            # device, so the reply must not wait behind the requests it delays.
+            messages = session.messages
+            reader = ReadAhead(
+                context.read,
+                messages.resolve if messages is not None else lambda _: False,
+                session.dma.fail_waiters,
+                self.counters,
+            )
             # Requests after Hello in the same message are handled like any other.
             await self._serve_message(session, first.requests[1:], context)
             while True:
-                message = await context.read()
-                if message is grpc.aio.EOF:
+                requests = await reader.next()
+                if requests is None:
                     return
-                assert isinstance(message, pb.FrontendMessage)
-                self.counters.frontend_messages += 1
-                await self._serve_message(session, message.requests, context)
+                await self._serve_message(session, requests, context)
         except RequestError as e:
             self.counters.rejected_requests += 1
             log.warning("frontend stream ended: %s", e.message)
+            if reader is not None:
+                await reader.aclose()  # no read may be pending when the status goes out
             await context.abort(e.code, e.message)
         finally:
             if session is not None and self._session is session:
@@ -294,24 +360,33 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 # Continuations stop after the bounded step they are in (a worker
                 # thread cannot be cancelled), before the memory goes away.
                 session.closed = True
-                self._unwire_consoles(session)
+                # Workers waiting for a DMA reply wake now: none can come.
+                session.dma.fail_waiters("the frontend's session ended")
+                self._consoles.unwire(session)
                 tasks = [*session.continuations.values(), *session.rx_wakes.values()]
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
+                if reader is not None:
+                    await reader.aclose()
+                for task in list(session.background):
+                    task.cancel()
+                if session.messages is not None:
+                    await session.messages.aclose()
                 self._session = None
                 self._end(session)
+            elif reader is not None:
+                await reader.aclose()
 
     def _end(self, session: Session) -> None:
         """Fail the DMA the frontend still owes, and let go of its memory."""
         session.closed = True
-        self._unwire_consoles(session)
+        self._consoles.unwire(session)
         session.continuations.clear()
         session.rx_wakes.clear()
         # No ring may be touched once the memory is unmapped.
         for function in session.virtio_functions():
             function.attach_memory(None)
-        pending, session.dma_pending = session.dma_pending, {}
-        for dma in pending.values():
+        for dma in session.dma.drain("the frontend's session ended"):
             self.counters.devices[dma.device_id].dma_errors += 1
             session.bus.function(dma.device_id).dma_completed(
                 dma.token, None, "the frontend's session ended"
@@ -347,7 +422,9 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 self._specs,
                 Presentation(msix=caps.msi, bar64=caps.bar64),
                 block_backends=self._block_backends,
-                streams=self._consoles,
+                streams=self._consoles.streams,
+                framebuffers=self._framebuffers,
+                console_ports=self._consoles.ports,
             )
         except ConfigError as e:
             memory.close()
@@ -364,11 +441,11 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         self._next_session += 1
         self._session = session
         session.attach_memory()
-        if hello.memory.mode != pb.MEMORY_MODE_SHARED:
+        if hello.memory.mode == pb.MEMORY_MODE_NONE:
             for function in session.virtio_functions():
                 log.warning(
                     "virtio device %s cannot run its queues with memory mode %s (it needs "
-                    "SHARED guest RAM); a driver that starts it gets DEVICE_NEEDS_RESET",
+                    "guest memory); a driver that starts it gets DEVICE_NEEDS_RESET",
                     function.name,
                     pb.MemoryMode.Name(hello.memory.mode),
                 )
@@ -419,9 +496,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"request seq={request.seq}: {e}"
                 ) from None
         if items:
-            self.counters.server_messages += 1
-            async with session.write_lock:
-                await context.write(pb.ServerMessage(items=items))
+            await self._write(session, context, items)
         for function in session.virtio_functions():
             if function.pending_work:
                 self._continue(session, function, context)
@@ -430,71 +505,61 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             # between messages of a busy frontend.
             await asyncio.sleep(0)
 
-    # -- console host ends
+    # -- console host ends (console_pump.py)
 
-    @staticmethod
-    def _console_ends(session: Session) -> list[tuple[VirtioPciFunction, SocketConsole]]:
-        ends = []
-        for function in session.virtio_functions():
-            device = function.device
-            if isinstance(device, VirtioConsole) and isinstance(device.stream, SocketConsole):
-                ends.append((function, device.stream))
-        return ends
-
-    def _wire_consoles(
+    async def _deliver_console(
         self,
         session: Session,
         context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
-    ) -> None:
-        for function, stream in self._console_ends(session):
-            stream.on_readable = functools.partial(self._rx_wake, session, function, context)
-
-    def _unwire_consoles(self, session: Session) -> None:
-        for _, stream in self._console_ends(session):
-            stream.on_readable = None
-
-    def _rx_wake(
-        self,
-        session: Session,
         function: VirtioPciFunction,
+        effects: list[Effect],
+    ) -> None:
+        """Send what a console's host ends woke it to do; continue its work."""
+        items: list[pb.ServerItem] = []
+        self._emit(session, effects, items)
+        if items and not session.closed:
+            await self._write(session, context, items)
+        if function.pending_work and not session.closed:
+            self._continue(session, function, context)
+
+    # -- DMA by message: the stream's side
+
+    def _wire_messages(
+        self,
+        session: Session,
         context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
     ) -> None:
-        """Host bytes arrived for a console: have its receive queue run (once)."""
+        """Give the session a way to send messages of its own (DMA requests, DMA
+        timeouts) and, in DMA_MESSAGES, the guest memory virtio devices use."""
+        session.send = functools.partial(self._send_items, session, context)
+        if session.mode == pb.MEMORY_MODE_DMA_MESSAGES:
+            session.messages = MessageGuestMemory(
+                session.dma, asyncio.get_running_loop(), session.send, self.counters
+            )
+            session.attach_memory()
+
+    async def _write(
+        self,
+        session: Session,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+        items: list[pb.ServerItem],
+    ) -> None:
+        """Send items in order, in as many messages as the size limit needs: a
+        batch of reads under the limit can have replies over it."""
+        async with session.write_lock:
+            for chunk in split_items(items):
+                self.counters.server_messages += 1
+                await context.write(pb.ServerMessage(items=chunk))
+
+    async def _send_items(
+        self,
+        session: Session,
+        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
+        items: list[pb.ServerItem],
+    ) -> None:
         if session.closed:
-            return
-        session.rx_again.add(function.device_id)
-        task = session.rx_wakes.get(function.device_id)
-        if task is not None and not task.done():
-            return
-        session.rx_wakes[function.device_id] = asyncio.get_running_loop().create_task(
-            self._run_rx(session, function, context)
-        )
-
-    async def _run_rx(
-        self,
-        session: Session,
-        function: VirtioPciFunction,
-        context: grpc.aio.ServicerContext[pb.FrontendMessage, pb.ServerMessage],
-    ) -> None:
-        lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
-        try:
-            while function.device_id in session.rx_again and not session.closed:
-                session.rx_again.discard(function.device_id)
-                async with lock:
-                    if session.closed:
-                        return
-                    effects = await asyncio.to_thread(_kick_receiveq, function)
-                    items: list[pb.ServerItem] = []
-                    self._emit(session, effects, items)
-                if items and not session.closed:
-                    self.counters.server_messages += 1
-                    async with session.write_lock:
-                        await context.write(pb.ServerMessage(items=items))
-                if function.pending_work and not session.closed:
-                    self._continue(session, function, context)
-                await asyncio.sleep(0)
-        except Exception:
-            log.exception("device %s: delivering console input failed", function.name)
+            raise ConnectionError("the session has ended")
+        await self._write(session, context, items)
 
     # -- virtio functions
 
@@ -557,9 +622,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                     items: list[pb.ServerItem] = []
                     self._emit(session, effects, items)
                 if items and not session.closed:
-                    self.counters.server_messages += 1
-                    async with session.write_lock:
-                        await context.write(pb.ServerMessage(items=items))
+                    await self._write(session, context, items)
                 await asyncio.sleep(0)  # one bounded step a turn: other streams run between
         except Exception:
             # The stream is gone (or broke); the session's end cleans up.
@@ -647,19 +710,18 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             data, error = perform_dma(session.memory, dma)
             return self._complete(session, dma.device_id, dma.token, data, error)
         if session.mode == pb.MEMORY_MODE_DMA_MESSAGES:
-            if len(session.dma_pending) >= MAX_DMA_OUTSTANDING:
-                return self._complete(
-                    session,
-                    dma.device_id,
-                    dma.token,
-                    None,
-                    f"the frontend already owes {MAX_DMA_OUTSTANDING} DMA replies",
-                )
-            request_id = session.next_dma_id
-            session.next_dma_id += 1
-            session.dma_pending[request_id] = PendingDma(
-                dma.device_id, dma.token, dma.length, dma.write
+            request_id = session.dma.allocate(
+                PendingDma(dma.device_id, dma.token, dma.length, dma.write)
             )
+            if request_id is None:
+                return self._complete(
+                    session, dma.device_id, dma.token, None, session.dma.refusal()
+                )
+            if session.messages is not None:  # the loop's clock; None only before the stream
+                timer = session.messages.loop.call_later(
+                    session.dma.timeout, self._dma_timed_out, session, request_id
+                )
+                session.dma.set_timer(request_id, timer)
             self.counters.events += 1
             items.append(pb.ServerItem(event=event_to_pb(dma, request_id)))
             return []
@@ -672,25 +734,38 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         )
 
     def _dma_reply(self, session: Session, reply: pb.DmaReply, items: list[pb.ServerItem]) -> None:
-        pending = session.dma_pending.pop(reply.request_id, None)
-        if pending is None:
+        if session.messages is not None and session.messages.resolve(reply):
+            return  # a worker's (read ahead normally takes those) or a late one
+        pending = session.dma.take(reply.request_id)
+        if not isinstance(pending, PendingDma):
             raise AccessError(
                 f"DmaReply for request {reply.request_id}, "
                 "but no DMA request with that id is outstanding"
             )
-        if reply.ok and pending.write:
-            data, error = None, None
-        elif reply.ok and len(reply.data) == pending.length:
-            data, error = bytes(reply.data), None
-        elif reply.ok:
-            data = None
-            error = (
-                f"the frontend returned {len(reply.data)} bytes for a {pending.length}-byte read"
-            )
-        else:
-            data, error = None, reply.error or "the frontend refused the transfer"
+        data, error = reply_outcome(reply, pending.length, pending.write)
         effects = self._complete(session, pending.device_id, pending.token, data, error)
         self._emit(session, effects, items)
+
+    def _dma_timed_out(self, session: Session, request_id: int) -> None:
+        """The frontend left an engine's transfer unanswered: it fails, and what
+        that causes (the error status, an interrupt) goes out on its own."""
+        pending = session.dma.expire(request_id)
+        if not isinstance(pending, PendingDma) or session.closed:
+            return
+        effects = self._complete(
+            session,
+            pending.device_id,
+            pending.token,
+            None,
+            f"the frontend did not answer DMA request {request_id} "
+            f"within {session.dma.timeout:g} s",
+        )
+        items: list[pb.ServerItem] = []
+        self._emit(session, effects, items)
+        if items and session.send is not None:
+            task = asyncio.get_running_loop().create_task(session.send(items))
+            session.background.add(task)
+            task.add_done_callback(session.background.discard)
 
     def _complete(
         self, session: Session, device_id: int, token: int, data: bytes | None, error: str | None
@@ -734,10 +809,3 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                     pass
             self.counters.events += 1
             items.append(pb.ServerItem(event=event_to_pb(effect)))
-
-
-def _kick_receiveq(function: VirtioPciFunction) -> list[Effect]:
-    """A console's receive queue runs as if its driver kicked it (nothing moves
-    unless the driver is running); returns the effects (interrupts)."""
-    function.kick(RECEIVEQ)
-    return function.take_effects()

@@ -18,6 +18,7 @@ class DeviceCounters:
     resets: int = 0
     dma_requests: int = 0
     dma_errors: int = 0
+    console_bytes_dropped: int = 0  # virtio-console: guest bytes its host ends refused
 
 
 @dataclass(slots=True)

@@ -226,7 +226,8 @@ class VirtioPciFunction(PciFunction):
         return len(self.queue_configs)
 
     def attach_memory(self, memory: RingMemory | None) -> None:
-        """The shell's guest memory (None when guest RAM is not shared with us)."""
+        """The shell's guest memory: shared RAM or DMA by message, the same to the
+        queues (None when the frontend gives no access to guest memory)."""
         self.memory = memory
 
     # -- capabilities
@@ -467,7 +468,7 @@ class VirtioPciFunction(PciFunction):
     def _activate(self) -> None:
         memory = self.memory
         if memory is None:
-            self.needs_reset("no shared guest memory to run virtqueues in")
+            self.needs_reset("no guest memory to run virtqueues in (memory mode NONE)")
             return
         acked = self.status.acked
         queues = {

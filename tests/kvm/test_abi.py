@@ -43,6 +43,10 @@ IOCTLS = {
         "KVM_SET_MSRS",
         "KVM_GET_LAPIC",
         "KVM_SET_LAPIC",
+        "KVM_GET_MP_STATE",
+        "KVM_SET_MP_STATE",
+        "KVM_MP_STATE_RUNNABLE",
+        "KVM_MP_STATE_UNINITIALIZED",
     )
 }
 SIZES = {
@@ -60,6 +64,7 @@ SIZES = {
     "struct kvm_msrs": abi.kvm_msrs,
     "struct kvm_msr_entry": abi.kvm_msr_entry,
     "struct kvm_lapic_state": abi.kvm_lapic_state,
+    "struct kvm_mp_state": abi.kvm_mp_state,
 }
 OFFSETS = {
     "exit_reason": abi.kvm_run.exit_reason.offset,

@@ -73,7 +73,7 @@ def test_needs_a_program() -> None:
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("flags", [[], ["--ring3"]], ids=["ring0", "ring3"])
+@pytest.mark.parametrize("flags", [[], ["--ring3"], ["--smp", "2"]], ids=["ring0", "ring3", "smp2"])
 def test_runs_pcitest_against_a_devserver_process(
     devserver: str, tmp_path: Path, flags: list[str]
 ) -> None:
@@ -82,7 +82,11 @@ def test_runs_pcitest_against_a_devserver_process(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "pcitest: 2 devices, 0 failures" in result.stdout
     assert "guest ended: exit-port status 0" in result.stderr
-    assert "2 MSIs" in result.stderr
+    smp = "--smp" in flags
+    assert f"{4 if smp else 2} MSIs, 4 INTx assertions" in result.stderr
+    if smp:
+        assert "pcitest: start, 2 cpus" in result.stdout
+        assert "CHECK ap-reads-ok got=0x20 want=0x20 ok" in result.stdout
 
 
 @pytest.mark.kvm

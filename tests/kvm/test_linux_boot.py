@@ -3,19 +3,28 @@ MP spec 1.4 checksums), kernel parsing, the CLI's errors, and the real boot (VMX
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from devmodel.v1 import devmodel_pb2 as pb
+from devmodel.v1 import devmodel_pb2_grpc
+from devserver.config import parse_device_spec
+from devserver.service.server import DevServer, Listen
+from vmm_client.client import FrontendOptions, SyncSession
 from vmm_client.guest.console import BEGIN, END
 from vmm_client.guest.image import load_image
-from vmm_client.kvm import linux
+from vmm_client.kvm import firmware, linux
 from vmm_client.kvm.linux_boot import _watch_power_down
+from vmm_client.kvm.ramlayout import PCI_HOLE_START
 from vmm_client.kvm.vm import GuestExit, kvm_flavour
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +118,9 @@ def test_e820_disjoint_and_covers_ram(ram: int) -> None:
         assert a.end <= b.address, (a, b)
     usable = sum(e.size for e in entries if e.kind == linux.E820_RAM)
     assert usable == ram - (linux.HIGH_MEMORY - linux.EBDA_START)  # less the legacy hole
-    assert any(e.kind == 2 and e.address == linux.PCI_HOLE_START for e in entries)
+    # The PCI hole is a gap (Linux puts BARs in the largest gap below 4 GiB, and claims
+    # firmware-assigned ones only outside e820 entries): nothing touches [3G, 4G).
+    assert not any(e.address < 1 << 32 and e.end > PCI_HOLE_START for e in entries)
 
 
 # -- MP table
@@ -266,3 +277,188 @@ def test_boots_guest_image_to_init() -> None:
     assert "hello-from-kvm" in result.stdout
     assert f"{END} {nonce}" in result.stdout
     assert result.returncode == 0
+
+
+def test_e820_gives_the_kernel_all_of_512m() -> None:
+    """Why a --force boot printed "Memory: 207552K/523896K available" for -m 512M.
+
+    523896K is all of the RAM the e820 map describes (Linux leaves page 0 out):
+    the kernel did see the whole 512 MiB. The first figure is nr_free_pages()
+    at mem_init time, and Debian's kernel has CONFIG_DEFERRED_STRUCT_PAGE_INIT=y:
+    only the low zones and the first section of the last one are freed to the
+    page allocator then; the rest follows in page_alloc_init_late ("node 0
+    deferred pages initialised"), which a boot under kvm_pvm never reached.
+    """
+    usable = [e for e in linux.e820_map(512 * MiB) if e.kind == linux.E820_RAM]
+    pages = sum(e.size for e in usable) // 4096 - 1  # less page 0
+    assert pages * 4 == 523896  # KiB, as the kernel printed
+
+
+def test_plan_takes_ram_above_the_hole() -> None:
+    from vmm_client.kvm.linux_boot import MAX_MEMORY, plan
+
+    image, _, _ = plan(fake_bzimage(), None, "console=ttyS0", 4 << 30)
+    assert image.kind == "bzimage"
+    with pytest.raises(ValueError, match=r"use -m 15G or less"):
+        plan(fake_bzimage(), None, "console=ttyS0", MAX_MEMORY + (1 << 30))
+    with pytest.raises(ValueError, match=r"multiple of 4 KiB"):
+        plan(fake_bzimage(), None, "console=ttyS0", (512 << 20) + 1)
+
+
+# -- the framebuffer firmware sets up (firmware.py) and screen_info
+
+
+class RecordingSession:
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def config_write(
+        self, bus: int, device: int, function: int, offset: int, size: int, value: int
+    ) -> object:
+        self.calls.append(("config", device, offset, size, value))
+        return []
+
+    def bar_write(self, device_id: int, bar: int, offset: int, size: int, value: int) -> None:
+        self.calls.append(("bar", device_id, bar, offset, size, value))
+
+    def bar_read(self, device_id: int, bar: int, offset: int, size: int) -> int:
+        return 0x41
+
+
+def fb_topology(vram: int = 16 * MiB) -> pb.Topology:
+    return pb.Topology(
+        devices=[
+            pb.DeviceInfo(device_id=1, bus=0, device=1, vendor_id=0x1234, product_id=0x7E57),
+            pb.DeviceInfo(
+                device_id=7,
+                bus=0,
+                device=3,
+                vendor_id=firmware.FB_VENDOR,
+                product_id=firmware.FB_DEVICE,
+                bars=[
+                    pb.BarInfo(index=0, size=vram, prefetchable=True, shared_memory=True),
+                    pb.BarInfo(index=2, size=0x1000),
+                ],
+            ),
+        ]
+    )
+
+
+def test_firmware_places_the_framebuffer_and_sets_a_mode() -> None:
+    session = RecordingSession()
+    fb = firmware.setup_framebuffer(session, fb_topology())
+    assert fb == linux.Framebuffer(0xE000_0000, 1024, 768, 4096, 16 * MiB)
+    assert session.calls[:3] == [
+        ("config", 3, 0x10, 4, 0xE000_0000),  # VRAM BAR
+        ("config", 3, 0x18, 4, 0xE000_0000 + 16 * MiB),  # registers right after it
+        ("config", 3, 0x04, 2, 0x2),  # memory decoding on
+    ]
+    assert session.calls[3:] == [  # DISPI: XRES, YRES, BPP, ENABLE (LFB)
+        ("bar", 7, 2, 0x502, 2, 1024),
+        ("bar", 7, 2, 0x504, 2, 768),
+        ("bar", 7, 2, 0x506, 2, 32),
+        ("bar", 7, 2, 0x508, 2, 0x41),
+    ]
+    small = firmware.setup_framebuffer(RecordingSession(), fb_topology(1 * MiB))
+    assert small is not None and (small.width, small.height) == (512, 384)
+    assert firmware.setup_framebuffer(RecordingSession(), pb.Topology()) is None
+
+
+def test_zero_page_screen_info_for_the_framebuffer() -> None:
+    """boot_params.screen_info (include/uapi/linux/screen_info.h) as vesafb reads it."""
+    fb = firmware.setup_framebuffer(RecordingSession(), fb_topology())
+    zp = linux.build_zero_page(linux.BootParams(512 * MiB, 2047, framebuffer=fb))
+    si = zp[:0x40]
+    assert si[0x0F] == 0x23  # orig_video_isVGA = VIDEO_TYPE_VLFB
+    width, height, depth, base, size_64k = struct.unpack_from("<HHHII", si, 0x12)
+    assert (width, height, depth) == (1024, 768, 32)  # lfb_width, lfb_height, lfb_depth
+    assert base == 0xE000_0000  # lfb_base
+    assert size_64k == 16 * MiB >> 16  # lfb_size, in 64 KiB units for vesafb
+    assert struct.unpack_from("<H", si, 0x24)[0] == 4096  # lfb_linelength
+    # red, green, blue, rsvd: size and position (XRGB8888)
+    assert tuple(si[0x26:0x2E]) == (8, 16, 8, 8, 8, 0, 8, 24)
+    assert struct.unpack_from("<I", si, 0x36)[0] == 0  # capabilities: 32-bit base
+    assert si[0x3A:0x3E] == bytes(4)  # ext_lfb_base
+
+
+async def test_firmware_against_a_served_framebuffer(tmp_path: Path) -> None:
+    """The same against the server's vesa-fb: its BARs decode where firmware put them
+    and it shows the mode (a screendump of the right size)."""
+    srv = DevServer(
+        [parse_device_spec("vesa-fb,vram=4")], Listen(unix_path=tmp_path / "run" / "dev.sock")
+    )
+    await srv.start()
+    try:
+
+        def boot_firmware() -> tuple[linux.Framebuffer | None, pb.ScreendumpReply]:
+            with SyncSession(srv.address, FrontendOptions("fw", shared_memory_bars=True)) as s:
+                fb = firmware.setup_framebuffer(s, s.topology)
+                # While attached (the server resets devices when their frontend leaves).
+                with grpc.insecure_channel(srv.address) as channel:
+                    stub = devmodel_pb2_grpc.DeviceModelStub(channel)
+                    request = pb.ScreendumpRequest(device_id=s.topology.devices[0].device_id)
+                    return fb, stub.Screendump(request, timeout=30)
+
+        fb, picture = await asyncio.to_thread(boot_firmware)
+        assert fb == linux.Framebuffer(0xE000_0000, 1024, 768, 4096, 4 * MiB)
+        assert (picture.mode.width, picture.mode.height, picture.mode.bpp) == (1024, 768, 32)
+    finally:
+        await srv.stop(0)
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(kvm_flavour() != "pvm", reason="the --force attempt is for kvm_pvm")
+def test_cli_pvm_force_with_a_devserver(tmp_path: Path) -> None:
+    """`run --kernel` attached to a device server with a vesa-fb, 2 vCPUs: firmware sets
+    the framebuffer up (its screen_info line), the boot starts and stops cleanly."""
+    vmlinux, initrd = cached_image()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    sock = run_dir / "dev.sock"
+    devices = ["--device", "pci-testdev", "--device", "vesa-fb,slot=3,vram=4"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "devserver", "--listen", f"unix:{sock}", *devices],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "no devserver"
+            time.sleep(0.05)
+        boot = ["--kernel", str(vmlinux), "--initrd", str(initrd), "-m", "512M", "--smp", "2"]
+        boot += ["--force", "--timeout", "8"]
+        result = subprocess.run(
+            [sys.executable, "-m", "vmm_client", "run", "--devserver", f"unix:{sock}", *boot],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "512 MiB, 2 vCPU(s)" in result.stderr
+    assert "framebuffer: 1024x768 32 bpp at 0xe0000000 (screen_info, VIDEO_TYPE_VLFB)" in (
+        result.stderr
+    )
+    assert "guest ended:" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.kvm
+@pytest.mark.skipif(kvm_flavour() != "pvm", reason="the --force attempt is for kvm_pvm")
+def test_linux_takes_ram_above_4g_under_force() -> None:
+    """-m 4G: the kernel reads both RAM ranges from the e820 map and allocates in the
+    second memslot (NODE_DATA goes to the top of RAM, above 4 GiB). About a minute of
+    emulated boot under kvm_pvm."""
+    vmlinux, initrd = cached_image()
+    boot = ["--kernel", str(vmlinux), "--initrd", str(initrd), "-m", "4G"]
+    # Under the 120 s faulthandler_timeout; the lines come within the first minute.
+    result = vmm(*boot, "--force", "--timeout", "100", timeout=115)
+    assert "BIOS-e820: [mem 0x0000000100000000-0x000000013fffffff] usable" in result.stdout
+    assert "BIOS-e820: [mem 0x0000000000100000-0x00000000bfffffff] usable" in result.stdout
+    assert "Normal   [mem 0x0000000100000000-0x000000013fffffff]" in result.stdout

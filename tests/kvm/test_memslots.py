@@ -78,5 +78,10 @@ def test_shared_bar_memslot_follows_the_bar(framebuffer: SharedMemory) -> None:
             assert pci.shared_bars.slot_of(3, 1) is None
             assert read_at(vm, B + 0x100)[0] == 0xFFFF_FFFF
             assert list(vm.memslots) == [0]  # only RAM is left
+            assert [(c.action, c.slot, c.guest_address) for c in pci.shared_bars.changes] == [
+                ("map", slot, A),
+                ("move", slot, B),
+                ("unmap", slot, B),
+            ]
         finally:
             pci.shared_bars.close()

@@ -207,3 +207,15 @@ def test_cpuid_is_set_from_what_kvm_supports() -> None:
     code = b"\x31\xc0\x31\xc9\x0f\xa2" + exit_with_eax()  # xor eax,eax; xor ecx,ecx; cpuid
     result, _ = run_code(code)
     assert (result.reason, result.status) == ("exit-port", max_basic)
+
+
+@pytest.mark.kvm
+def test_other_vcpus_wait_for_sipi_unless_made_runnable() -> None:
+    """With the in-kernel LAPIC, vCPU 1 starts UNINITIALIZED (KVM_RUN would wait for
+    INIT/SIPI); a freestanding program's VMM makes it RUNNABLE instead."""
+    with Vm(4 * MiB, irqchip=True) as vm:
+        bsp, ap = vm.create_vcpu(), vm.create_vcpu()
+        assert bsp.get_mp_state() == abi.KVM_MP_STATE_RUNNABLE
+        assert ap.get_mp_state() == abi.KVM_MP_STATE_UNINITIALIZED
+        ap.make_runnable()
+        assert ap.get_mp_state() == abi.KVM_MP_STATE_RUNNABLE

@@ -39,6 +39,7 @@ from devserver.devices.testdev import (
 )
 from devserver.effects import AddressRange, Effect, IntxChanged
 from devserver.memory import MAX_REGIONS, BytearrayMemory
+from devserver.service import dma_messages
 from devserver.service import servicer as servicer_module
 from devserver.service.server import DevServer
 from vmm_client.client import (
@@ -443,6 +444,41 @@ async def test_session_end_fails_what_the_frontend_owes(
         session = await AsyncSession.attach(channel, FrontendOptions("next"))
         assert await session.bar_read(SLOT, MEM_BAR, REG_DMA_STATUS, 4) == 0
         await session.close()
+
+
+async def test_an_unanswered_transfer_times_out(
+    connect: Callable[..., object], server: DevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frontend that never answers: the engine's transfer fails after the DMA
+    timeout (error status, interrupt sent on its own), the late reply is dropped,
+    and the stream goes on."""
+    monkeypatch.setattr(dma_messages, "DMA_TIMEOUT", 0.3)
+    answerer = Answerer(hold=True)
+    f = await messages(connect, answerer)
+    f.program(GUEST, 4)
+    f.command(DMA_CMD_FROM_GUEST)
+    assert await f.status() == DMA_STATUS_BUSY
+    events_before = len(f.events)
+    for _ in range(200):
+        if f.events[events_before:]:
+            break
+        await asyncio.sleep(0.01)
+    assert f.events[events_before:] == [IntxChanged(SLOT, 1, True)]  # with no request of ours
+    assert await f.status() == DMA_STATUS_ERROR
+    session = server.servicer._session
+    assert session is not None
+    device = session.bus.function(SLOT)
+    assert isinstance(device, PciTestDevice)
+    assert "did not answer DMA request" in device.dma_error
+    answerer.answer(answerer.held.pop())  # late: dropped, not a protocol error
+    await f.ack()
+    answerer.hold = False
+    answerer.memory.data[:4] = b"next"
+    f.command(DMA_CMD_FROM_GUEST)
+    assert await f.settled() == DMA_STATUS_DONE
+    assert await f.device_ram(4) == b"next"
+    stats = {d.device_id: d for d in (await get_stats(f.channel)).devices}[SLOT]
+    assert (stats.dma_requests, stats.dma_errors) == (2, 1)
 
 
 # ---------------------------------------------------------------- NONE

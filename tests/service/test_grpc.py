@@ -465,3 +465,144 @@ async def test_effects_of_a_read_go_out_before_its_reply(server: DevServer) -> N
         await s.bar_read(SLOT, testdev.IO_BAR, testdev.REG_ID, 4)
         assert seen == [IntxChanged(SLOT, 1, False)]
         await s.close()
+
+
+# -- malformed wire messages (reliability.md §6: malformed/oversized messages,
+# unknown oneof, huge repeated fields): the offending stream ends, the server goes on
+
+
+async def raw_bytes_stream(
+    channel: grpc.aio.Channel, *payloads: bytes
+) -> tuple[list[bytes], grpc.StatusCode, str]:
+    """Attach with frames written as given, bytes that need not parse."""
+    call = channel.stream_stream(
+        f"/{SERVICE_NAME}/Attach",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )()
+    messages: list[bytes] = []
+    try:
+        for payload in payloads:
+            await call.write(payload)
+        await call.done_writing()
+        while (message := await call.read()) is not grpc.aio.EOF:
+            messages.append(message)
+    except grpc.aio.AioRpcError:
+        pass  # the status says why
+    return messages, await call.code(), await call.details()
+
+
+async def assert_next_frontend_served(channel: grpc.aio.Channel) -> None:
+    session = await AsyncSession.attach(channel, FrontendOptions("next"))
+    assert await session.config_read(0, SLOT, 0, 0, 2) == testdev.VENDOR_ID
+    await session.close()
+
+
+def _hello_bytes() -> bytes:
+    return pb.FrontendMessage(requests=[hello_request()]).SerializeToString()
+
+
+# A Request with seq=9 and a field number no version of the contract has used (99,
+# varint 1): what a newer frontend's request kind looks like to this server.
+_UNKNOWN_KIND = b"\x08\x09\x98\x06\x01"
+
+
+@pytest.mark.parametrize(
+    ("frames", "codes", "needle"),
+    [
+        # wire bytes that are no protobuf at all, first or after Hello
+        (
+            [b"\xff\xff\xff\xff"],
+            (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT),
+            "parsing",
+        ),
+        (
+            ["hello", b"\x0a\x05\xff\xff"],
+            (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT),
+            "parsing",
+        ),
+        # a request kind this server does not know (an unknown oneof member)
+        (
+            ["hello", b"\x0a" + bytes([len(_UNKNOWN_KIND)]) + _UNKNOWN_KIND],
+            (grpc.StatusCode.INVALID_ARGUMENT,),
+            "seq=9",
+        ),
+    ],
+    ids=["garbage-first", "garbage-after-hello", "unknown-kind"],
+)
+async def test_undecodable_or_unknown_frames_end_the_stream(
+    server: DevServer, frames: list[bytes | str], codes: tuple[grpc.StatusCode, ...], needle: str
+) -> None:
+    payloads = [_hello_bytes() if f == "hello" else f for f in frames]
+    async with open_channel(server.address) as channel:
+        messages, code, details = await raw_bytes_stream(
+            channel, *(p for p in payloads if isinstance(p, bytes))
+        )
+        assert code in codes
+        assert needle in details
+        if frames[0] == "hello":
+            assert pb.ServerMessage.FromString(messages[0]).items[0].reply.HasField("welcome")
+        await assert_next_frontend_served(channel)
+
+
+async def test_undecodable_unary_request_is_refused(server: DevServer) -> None:
+    async with open_channel(server.address) as channel:
+        topology = channel.unary_unary(
+            f"/{SERVICE_NAME}/GetTopology",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await topology(b"\xff\xff\xff")
+        assert info.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT)
+        assert len((await get_topology(channel)).devices) == 2
+
+
+async def test_huge_repeated_fields_are_refused(server: DevServer, tmp_path: Path) -> None:
+    """More memory regions than a frontend may have, in Hello and in an update."""
+    from devserver.memory import MAX_REGIONS
+
+    many = [MemoryRegion(0x1000 * i, 0x1000) for i in range(MAX_REGIONS + 1)]
+    async with open_channel(server.address) as channel:
+        with pytest.raises(ClientError, match=f"at most {MAX_REGIONS}") as info:
+            await AsyncSession.attach(
+                channel, FrontendOptions(memory_mode=pb.MEMORY_MODE_DMA_MESSAGES, regions=many)
+            )
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        session = await AsyncSession.attach(
+            channel, FrontendOptions(memory_mode=pb.MEMORY_MODE_DMA_MESSAGES)
+        )
+        with pytest.raises(ClientError, match=f"at most {MAX_REGIONS}"):
+            await session.memory_map_update(many)
+        await session.close()
+        assert (
+            session.closed is not None and session.closed.code == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        await assert_next_frontend_served(channel)
+
+
+async def test_an_unknown_memory_mode_is_refused(server: DevServer) -> None:
+    async with open_channel(server.address) as channel:
+        with pytest.raises(ClientError, match="not a MemoryMode") as info:
+            await AsyncSession.attach(channel, FrontendOptions(memory_mode=99))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        await assert_next_frontend_served(channel)
+
+
+async def test_a_batch_just_under_the_limit_is_answered_in_full(server: DevServer) -> None:
+    """~3.9 MiB of pipelined config reads in one message: every one answered, in order."""
+    n = 330_000
+    read = pb.ConfigRead(device=SLOT, offset=0, size=4)
+    batch = pb.FrontendMessage(
+        requests=[pb.Request(seq=i + 100, config_read=read) for i in range(n)]
+    ).SerializeToString()
+    assert len(batch) < MAX_MESSAGE_BYTES
+    async with open_channel(server.address) as channel:
+        messages, code, details = await raw_bytes_stream(channel, _hello_bytes(), batch)
+        assert code == grpc.StatusCode.OK, details
+        replies = [
+            item.reply for m in messages[1:] for item in pb.ServerMessage.FromString(m).items
+        ]
+        assert [r.seq for r in replies] == list(range(100, n + 100))
+        assert all(r.value == testdev.VENDOR_ID | testdev.DEVICE_ID << 16 for r in replies)
+        await assert_next_frontend_served(channel)

@@ -203,8 +203,8 @@ async def test_more_than_a_kicks_budget_completes_by_continuation(
     await asyncio.to_thread(drive)
 
 
-@pytest.mark.parametrize("mode", [pb.MEMORY_MODE_NONE, pb.MEMORY_MODE_DMA_MESSAGES])
-async def test_without_shared_memory_the_device_needs_reset(
+@pytest.mark.parametrize("mode", [pb.MEMORY_MODE_NONE])
+async def test_without_guest_memory_the_device_needs_reset(
     server: DevServer, ram: int, mode: int
 ) -> None:
     def drive() -> None:

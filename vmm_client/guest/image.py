@@ -64,6 +64,7 @@ __all__ = [
     "BENCH_TOOLS",
     "DEFAULT_MODULES",
     "DEFAULT_TOOLS",
+    "DISPLAY_MODULES",
     "NETWORK_TOOLS",
     "STORAGE_TOOLS",
     "GuestImage",
@@ -131,6 +132,9 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "uio",
     "uio_pci_generic",
 )
+# The vesa-fb's driver (drm/tiny/bochs; drm, drm_kms_helper, ttm and the VRAM
+# helpers come as its dependencies); /dev/fb0 is its fbdev emulation.
+DISPLAY_MODULES: tuple[str, ...] = ("bochs",)
 
 
 class ImageError(HostError):

@@ -319,6 +319,10 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = (("regs", ctypes.c_char * 1024),)
 
 
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = (("mp_state", u32),)
+
+
 # Sizes and offsets on x86-64 (pahole of Linux 6.1; also checked against gcc in the tests).
 assert ctypes.sizeof(kvm_userspace_memory_region) == 32
 assert ctypes.sizeof(kvm_regs) == 144
@@ -334,6 +338,7 @@ assert ctypes.sizeof(kvm_cpuid_entry2) == 40
 assert ctypes.sizeof(kvm_cpuid2) == 8
 assert ctypes.sizeof(kvm_msr_entry) == 16
 assert ctypes.sizeof(kvm_lapic_state) == 1024
+assert ctypes.sizeof(kvm_mp_state) == 4
 assert kvm_run.exit_reason.offset == 8
 assert kvm_run.exit.offset == 32
 assert ctypes.sizeof(kvm_run) == 2352
@@ -364,11 +369,15 @@ KVM_SET_CPUID2: Final = iow(KVMIO, 0x90, ctypes.sizeof(kvm_cpuid2))
 KVM_SET_MSRS: Final = iow(KVMIO, 0x89, ctypes.sizeof(kvm_msrs))
 KVM_GET_LAPIC: Final = ior(KVMIO, 0x8E, ctypes.sizeof(kvm_lapic_state))
 KVM_SET_LAPIC: Final = iow(KVMIO, 0x8F, ctypes.sizeof(kvm_lapic_state))
+KVM_GET_MP_STATE: Final = ior(KVMIO, 0x98, ctypes.sizeof(kvm_mp_state))
+KVM_SET_MP_STATE: Final = iow(KVMIO, 0x99, ctypes.sizeof(kvm_mp_state))
 
 # Constants used with them.
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
 KVM_MEM_READONLY: Final = 1 << 1
 KVM_PIT_SPEAKER_DUMMY: Final = 1
+KVM_MP_STATE_RUNNABLE: Final = 0
+KVM_MP_STATE_UNINITIALIZED: Final = 1
 KVM_CAP_IRQCHIP: Final = 0
 KVM_CAP_NR_MEMSLOTS: Final = 10
 KVM_CAP_SIGNAL_MSI: Final = 77

@@ -2,11 +2,13 @@
 
 The VMM does what firmware and a boot loader would: a flat GDT, identity
 page tables for the low 4 GiB (2 MiB pages; the top GiB holds the PCI BARs
-the guest assigns, so it must be mapped too), CR0/CR4/EFER for long mode,
-and RIP at the program's entry. Layout (Firecracker's, frontend-kvm.md §2.2):
+the guest assigns, so it must be mapped too) and for RAM above 4 GiB (up to
+16 GiB in all), CR0/CR4/EFER for long mode, and RIP at the program's entry,
+with its arguments (SysV: rdi, rsi, rdx, rcx). Layout (Firecracker's,
+frontend-kvm.md §2.2):
 
     0x0500  GDT: null, 64-bit code (0x08), data (0x10), user code (0x1B), user data (0x23)
-    0x9000  PML4, 0xA000 PDPT, 0xB000..0xEFFF four page directories
+    0x9000  PML4, 0xA000 PDPT, 0xB000.. one page directory per mapped GiB (4..16)
     0x80000 initial stack top (grows down)
     0x100000 the program (flat binary, or ELF PT_LOADs at their physical addresses)
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import abi
+from .ramlayout import ram_top
 from .vm import GuestRam, Vcpu
 
 GDT_ADDRESS: Final = 0x500
@@ -26,7 +29,10 @@ PDPT_ADDRESS: Final = 0xA000
 PD_ADDRESS: Final = 0xB000
 STACK_TOP: Final = 0x80000
 LOAD_ADDRESS: Final = 0x100000
-MAPPED_GIB: Final = 4
+MAPPED_GIB: Final = 4  # at least: the PCI hole and the LAPIC/IOAPIC are below 4 GiB
+MAX_MAPPED_GIB: Final = 16  # page directories up to 0x1AFFF, below Linux's cmdline at 0x20000
+GIB: Final = 1 << 30
+ARGUMENT_REGISTERS: Final = ("rdi", "rsi", "rdx", "rcx")
 
 CODE_SELECTOR: Final = 0x08
 DATA_SELECTOR: Final = 0x10
@@ -66,6 +72,11 @@ def _segment(selector: int, code: bool, dpl: int = 0) -> abi.kvm_segment:
     )
 
 
+def mapped_gib(ram_size: int) -> int:
+    """GiBs the identity map covers: all of RAM (with the hole), at least 4, at most 16."""
+    return min(MAX_MAPPED_GIB, max(MAPPED_GIB, -(-ram_top(ram_size) // GIB)))
+
+
 def write_long_mode_tables(ram: GuestRam) -> None:
     gdt = [
         0,
@@ -75,20 +86,23 @@ def write_long_mode_tables(ram: GuestRam) -> None:
         gdt_entry(0xC0F3, 0, 0xFFFFF),  # ring-3 data
     ]
     ram.write(GDT_ADDRESS, struct.pack(f"<{len(gdt)}Q", *gdt))
+    gib = mapped_gib(ram.size)
     ram.write(PML4_ADDRESS, struct.pack("<Q", PDPT_ADDRESS | _P | _RW | _US))
     ram.write(
         PDPT_ADDRESS,
-        struct.pack(
-            f"<{MAPPED_GIB}Q",
-            *(PD_ADDRESS + 0x1000 * i | _P | _RW | _US for i in range(MAPPED_GIB)),
-        ),
+        struct.pack(f"<{gib}Q", *(PD_ADDRESS + 0x1000 * i | _P | _RW | _US for i in range(gib))),
     )
-    entries = [(i << 21) | _P | _RW | _US | _PS for i in range(512 * MAPPED_GIB)]
+    entries = [(i << 21) | _P | _RW | _US | _PS for i in range(512 * gib)]
     ram.write(PD_ADDRESS, struct.pack(f"<{len(entries)}Q", *entries))
 
 
 def enter_long_mode(
-    vcpu: Vcpu, entry: int, stack_top: int = STACK_TOP, *, user: bool = False
+    vcpu: Vcpu,
+    entry: int,
+    stack_top: int = STACK_TOP,
+    *,
+    user: bool = False,
+    arguments: tuple[int, ...] = (),
 ) -> None:
     """Write the tables and point the vCPU at `entry`, 64-bit, interrupts off.
 
@@ -120,6 +134,10 @@ def enter_long_mode(
     vcpu.set_sregs(sregs)
     rflags = RFLAGS_RESERVED | (RFLAGS_IOPL3 if user else 0)
     regs = abi.kvm_regs(rip=entry, rsp=stack_top, rbp=stack_top, rflags=rflags)
+    if len(arguments) > len(ARGUMENT_REGISTERS):
+        raise ValueError(f"at most {len(ARGUMENT_REGISTERS)} program arguments")
+    for name, value in zip(ARGUMENT_REGISTERS, arguments, strict=False):
+        setattr(regs, name, value)
     vcpu.set_regs(regs)
 
 

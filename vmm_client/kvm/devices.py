@@ -10,7 +10,8 @@
   PIO/MMIO exit inside a decoding BAR to BarRead/BarWrite (writes posted),
   routed by a `RoutingTable` that the session's BarDecodeChanged events keep
   current; shared-memory BARs also become memslots that follow them
-  (memslots.py); MsiRaised events become KVM_SIGNAL_MSI.
+  (memslots.py); MsiRaised events become KVM_SIGNAL_MSI and IntxChanged
+  events KVM_IRQ_LINE on the pin's GSI (intx.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from devserver.effects import BarDecodeChanged, Effect, MsiRaised
+from devmodel.v1 import devmodel_pb2 as pb
+from devserver.effects import BarDecodeChanged, Effect, IntxChanged, MsiRaised
 
 from ..addressing import (
     CF8_PORT,
@@ -30,7 +32,9 @@ from ..addressing import (
     EcamWindow,
     all_ones,
 )
-from ..routing import RoutingTable
+from ..client import ClientError
+from ..routing import Route, RoutingTable
+from .intx import IntxRouter, IntxSource
 from .memslots import SharedBarSlots
 from .vm import GuestExit, Vm
 
@@ -140,53 +144,152 @@ class ConfigSession(Protocol):
     def bar_write(self, device_id: int, bar: int, offset: int, size: int, value: int) -> None: ...
 
 
+def _say_lost(message: str) -> None:
+    print(f"vmm_client: {message}", file=sys.stderr, flush=True)
+
+
 class PciHost:
     """The guest's PCI host bridge, forwarding to the device server.
 
     Create it first (it claims 0xCF8..0xCFF and becomes the fallback of both
     buses), give `handle_event` to the session as `on_event`, then
-    `attach(session)`: BAR events then update the routing table before the
-    config write that caused them returns to the vCPU (client.py's promise),
-    so the next exit already routes to the new address.
+    `attach(session, topology)`: BAR events then update the routing table
+    before the config write that caused them returns to the vCPU
+    (client.py's promise), so the next exit already routes to the new address.
 
-    One vCPU at a time: the table changes on the session's thread while the
-    vCPU that caused the change waits, so with several vCPUs a lookup from
-    another one could race a change (a lock, or per-vCPU snapshots by
-    generation, is for the session that adds SMP). IntxChanged is recorded
-    in `events` but not yet wired to KVM_IRQ_LINE (needs the INTx -> GSI
-    routing that comes with Linux boot).
+    Several vCPUs: each exits on its own thread, and events arrive on the
+    session's. One lock covers the routing table, the memslots that follow
+    it and the counters; it is never held across a call to the server (the
+    event a config write causes is applied on the session's thread while the
+    writing vCPU waits, so holding it there would deadlock). The CF8 latch is
+    one register shared by all vCPUs, as on real chipsets: guests serialise
+    their use of it (Linux's pci_config_lock), or use ECAM.
+
+    IntxChanged events drive KVM_IRQ_LINE on the GSI intx.py assigns to the
+    function's pin (topology from `attach`); MsiRaised become KVM_SIGNAL_MSI.
+
+    If the server goes away, the first failed access says so once
+    (`on_lost`), and from then on every device reads all-ones and writes
+    vanish, as if the cards were pulled: the guest goes on and ends on its own.
     """
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, on_lost: Callable[[str], None] = _say_lost) -> None:
         self.vm = vm
         self.cf8 = Cf8Port()
         self.routing = RoutingTable()
         self.shared_bars = SharedBarSlots(vm)
+        self.intx = IntxRouter()
         self.session: ConfigSession | None = None
         self.events: list[Effect] = []
         self.msis: list[MsiRaised] = []
+        self.irq_lines: list[tuple[int, bool]] = []  # (GSI, level) given to KVM_IRQ_LINE
         self.config_accesses = 0
         self.bar_accesses = 0
         self.unrouted = 0
         self.reset_requested = False
+        self.session_error: str | None = None
+        self._on_lost = on_lost
+        self._lock = threading.Lock()
         # Installed at once: without a session the bus is empty (config reads
         # all-ones), but the latch still behaves, as on a board with no cards.
         vm.pio.add(range(CF8_PORT, CFC_PORT + 4), self)
         vm.pio.fallback = self
         vm.mmio.fallback = self
 
-    def attach(self, session: ConfigSession) -> None:
+    def attach(self, session: ConfigSession, topology: pb.Topology | None = None) -> None:
+        """Forward to `session`; `topology` (the Welcome's) wires the INTx pins of bus 0."""
+        if topology is not None:
+            for d in topology.devices:
+                if d.bus == 0 and d.interrupt_pin:
+                    self.intx.add(IntxSource(d.device_id, d.device, d.interrupt_pin))
         self.session = session
 
     def handle_event(self, effect: Effect) -> None:
         """on_event: runs on the session's thread while the vCPU waits for its reply."""
-        self.events.append(effect)
-        if isinstance(effect, BarDecodeChanged):
-            self.routing.apply(effect)
-            self.shared_bars.apply(effect)
+        line: tuple[int, bool] | None = None
+        with self._lock:
+            self.events.append(effect)
+            if isinstance(effect, BarDecodeChanged):
+                self.routing.apply(effect)
+                self.shared_bars.apply(effect)
+            elif isinstance(effect, IntxChanged):
+                line = self.intx.change(effect.device_id, effect.asserted)
+                if line is not None:
+                    self.irq_lines.append(line)
+            elif isinstance(effect, MsiRaised):
+                self.msis.append(effect)
+        # Injection outside the lock: only this (the session's) thread injects, in
+        # stream order, and KVM takes it from any thread.
+        if line is not None and self.vm.irqchip:
+            self.vm.irq_line(*line)
         elif isinstance(effect, MsiRaised):
-            self.msis.append(effect)
             self.vm.signal_msi(effect.address, effect.data)
+
+    # the server, with its loss turned into a pulled card
+
+    def _lost(self, error: Exception) -> None:
+        with self._lock:
+            first = self.session_error is None
+            if first:
+                self.session_error = str(error)
+            self.session = None
+        if first:
+            self._on_lost(
+                f"the device server went away ({error}); the guest now reads all-ones "
+                "from its PCI devices; restart `python -m devserver` and the VMM to recover"
+            )
+
+    def _config_read(self, bus: int, device: int, function: int, offset: int, size: int) -> int:
+        session = self.session
+        if session is None:
+            return all_ones(size)
+        try:
+            return session.config_read(bus, device, function, offset, size)
+        except (ClientError, TimeoutError) as e:
+            self._lost(e)
+            return all_ones(size)
+
+    def _config_write(
+        self, bus: int, device: int, function: int, offset: int, size: int, value: int
+    ) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            session.config_write(bus, device, function, offset, size, value)
+        except (ClientError, TimeoutError) as e:
+            self._lost(e)
+
+    def _bar_read(self, route: Route, size: int) -> int:
+        session = self.session
+        if session is None:
+            return all_ones(size)
+        try:
+            return session.bar_read(route.device_id, route.bar, route.offset, size)
+        except (ClientError, TimeoutError) as e:
+            self._lost(e)
+            return all_ones(size)
+
+    def _bar_write(self, route: Route, size: int, value: int) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            session.bar_write(route.device_id, route.bar, route.offset, size, value)
+        except (ClientError, RuntimeError) as e:  # RuntimeError: its event loop is gone
+            self._lost(e)
+
+    def _count_config(self) -> None:
+        with self._lock:
+            self.config_accesses += 1
+
+    def _route(self, route: Route | None) -> Route | None:
+        """Count a BAR access (routed or not); called with the lock held."""
+        if route is None or self.session is None:
+            self.unrouted += 1
+            return None
+        self.bar_accesses += 1
+        return route
 
     # port IO: the config mechanism and IO BARs
 
@@ -197,16 +300,13 @@ class PciHost:
             target = self.cf8.data_target(port, size)
             if target is None or self.session is None:
                 return all_ones(size)
-            self.config_accesses += 1
-            return self.session.config_read(
+            self._count_config()
+            return self._config_read(
                 target.bus, target.device, target.function, target.offset, size
             )
-        route = self.routing.lookup_pio(port, size)
-        if route is None or self.session is None:
-            self.unrouted += 1
-            return all_ones(size)
-        self.bar_accesses += 1
-        return self.session.bar_read(route.device_id, route.bar, route.offset, size)
+        with self._lock:
+            route = self._route(self.routing.lookup_pio(port, size))
+        return all_ones(size) if route is None else self._bar_read(route, size)
 
     def pio_write(self, port: int, size: int, value: int) -> None:
         if port in CONFIG_ADDRESS_PORTS:
@@ -218,17 +318,15 @@ class PciHost:
             target = self.cf8.data_target(port, size)
             if target is None or self.session is None:
                 return
-            self.config_accesses += 1
-            self.session.config_write(
+            self._count_config()
+            self._config_write(
                 target.bus, target.device, target.function, target.offset, size, value
             )
             return
-        route = self.routing.lookup_pio(port, size)
-        if route is None or self.session is None:
-            self.unrouted += 1
-            return
-        self.bar_accesses += 1
-        self.session.bar_write(route.device_id, route.bar, route.offset, size, value)
+        with self._lock:
+            route = self._route(self.routing.lookup_pio(port, size))
+        if route is not None:
+            self._bar_write(route, size, value)
 
     # ECAM: config space through memory (ring-3 code, Linux with an MCFG)
 
@@ -240,37 +338,28 @@ class PciHost:
         target = window.decode(address, size)
         if target is None or self.session is None:
             return all_ones(size)
-        self.config_accesses += 1
-        return self.session.config_read(
-            target.bus, target.device, target.function, target.offset, size
-        )
+        self._count_config()
+        return self._config_read(target.bus, target.device, target.function, target.offset, size)
 
     def ecam_write(self, window: EcamWindow, address: int, size: int, value: int) -> None:
         target = window.decode(address, size)
         if target is None or self.session is None:
             return
-        self.config_accesses += 1
-        self.session.config_write(
-            target.bus, target.device, target.function, target.offset, size, value
-        )
+        self._count_config()
+        self._config_write(target.bus, target.device, target.function, target.offset, size, value)
 
     # MMIO: memory BARs
 
     def mmio_read(self, address: int, size: int) -> int:
-        route = self.routing.lookup_mmio(address, size)
-        if route is None or self.session is None:
-            self.unrouted += 1
-            return all_ones(size)
-        self.bar_accesses += 1
-        return self.session.bar_read(route.device_id, route.bar, route.offset, size)
+        with self._lock:
+            route = self._route(self.routing.lookup_mmio(address, size))
+        return all_ones(size) if route is None else self._bar_read(route, size)
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
-        route = self.routing.lookup_mmio(address, size)
-        if route is None or self.session is None:
-            self.unrouted += 1
-            return
-        self.bar_accesses += 1
-        self.session.bar_write(route.device_id, route.bar, route.offset, size, value)
+        with self._lock:
+            route = self._route(self.routing.lookup_mmio(address, size))
+        if route is not None:
+            self._bar_write(route, size, value)
 
 
 class _Ecam:

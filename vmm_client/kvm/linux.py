@@ -14,8 +14,12 @@ returns bytes or numbers; linux_boot.py writes them into a VM. Layout
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
+
+from .intx import IntxSource
+from .ramlayout import FOUR_GIB, PCI_HOLE_START, ram_regions
 
 ZERO_PAGE_ADDRESS: Final = 0x7000
 CMDLINE_ADDRESS: Final = 0x20000
@@ -24,8 +28,6 @@ BZIMAGE_LOAD_ADDRESS: Final = 0x100000  # where a bzImage's protected-mode part 
 EBDA_START: Final = 0x9FC00
 BIOS_START: Final = 0xF0000
 HIGH_MEMORY: Final = 0x100000
-FOUR_GIB: Final = 1 << 32
-PCI_HOLE_START: Final = 0xC000_0000  # 32-bit MMIO (BARs, ECAM, IOAPIC, LAPIC) up to 4 GiB
 IOAPIC_ADDRESS: Final = 0xFEC0_0000
 LAPIC_ADDRESS: Final = 0xFEE0_0000
 
@@ -209,25 +211,30 @@ class E820Entry:
 
 
 def e820_map(ram_size: int, *, hole_start: int = PCI_HOLE_START) -> list[E820Entry]:
-    """kvmtool's map: base RAM, EBDA and BIOS reserved, RAM from 1 MiB, the hole, RAM above 4 GiB.
+    """kvmtool's map: base RAM, EBDA and BIOS reserved, RAM from 1 MiB, RAM above 4 GiB.
 
     RAM beyond `hole_start` is remapped above 4 GiB, so the guest's RAM
     total equals `ram_size` less the 384 KiB legacy hole below 1 MiB.
+
+    The 32-bit PCI hole itself is left out, as QEMU and kvmtool leave it: no
+    entry. Linux takes the largest gap below 4 GiB as where PCI BARs go
+    (e820__setup_pci_gap), and claims a BAR firmware assigned only if it
+    overlaps no e820 entry (pci_claim_resource against the "Reserved"
+    resources); reserving the hole would make it refuse and move the
+    framebuffer firmware.py placed there, and, with 3 GiB of RAM or more,
+    leave no 32-bit gap for BARs at all. The IOAPIC and LAPIC pages are
+    claimed by the kernel itself.
     """
     if ram_size <= HIGH_MEMORY:
         raise ValueError("guest RAM must be larger than 1 MiB")
-    low_top = min(ram_size, hole_start)
+    low, *high = ram_regions(ram_size, hole_start)  # the VM's memslots (ramlayout.py)
     entries = [
         E820Entry(0, EBDA_START, E820_RAM),
         E820Entry(EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED),
         E820Entry(BIOS_START, HIGH_MEMORY - BIOS_START, E820_RESERVED),
-        E820Entry(HIGH_MEMORY, low_top - HIGH_MEMORY, E820_RAM),
-        # The 32-bit MMIO hole (BARs, ECAM, IOAPIC, LAPIC): reserved so the
-        # kernel neither uses it as RAM nor assigns BARs across the fixed parts.
-        E820Entry(hole_start, FOUR_GIB - hole_start, E820_RESERVED),
+        E820Entry(HIGH_MEMORY, low.end - HIGH_MEMORY, E820_RAM),
     ]
-    if ram_size > hole_start:
-        entries.append(E820Entry(FOUR_GIB, ram_size - hole_start, E820_RAM))
+    entries += [E820Entry(r.guest_address, r.size, E820_RAM) for r in high]
     return entries
 
 
@@ -357,10 +364,19 @@ def _checksum(data: bytes) -> int:
     return -sum(data) & 0xFF
 
 
-def build_mptable(ncpus: int, base: int = MPTABLE_ADDRESS) -> bytes:
+MP_IRQ_PCI_DEFAULT: Final = 0x0F  # polarity active low (3), trigger level (3 << 2)
+
+
+def build_mptable(
+    ncpus: int, base: int = MPTABLE_ADDRESS, pci_interrupts: Sequence[IntxSource] = ()
+) -> bytes:
     """Floating pointer + configuration table; Linux's mpparse finds it in 0xF0000-0xFFFFF.
 
-    With acpi=off it is the only source of CPU APIC ids (SMP) and the IOAPIC.
+    With acpi=off it is the only source of CPU APIC ids (SMP), the IOAPIC and
+    the PCI interrupt routing: one MP_INTSRC per function's pin (source bus
+    IRQ `slot << 2 | pin - 1` on the PCI bus, level-triggered, active low, to
+    the IOAPIC input intx.py wires it to), which Linux's
+    mp_irqs/pin_2_irq turn into each device's irq.
     """
     if not 1 <= ncpus <= 254:
         raise ValueError("1..254 vCPUs")
@@ -375,10 +391,21 @@ def build_mptable(ncpus: int, base: int = MPTABLE_ADDRESS) -> bytes:
     entries += struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, 0x11, 1, IOAPIC_ADDRESS)
     for irq in range(16):  # KVM's default routing: ISA IRQ i -> IOAPIC pin i
         entries += struct.pack("<BBHBBBB", MP_INTSRC, MP_IRQ_INT, 0, ISA_BUS, irq, ioapic_id, irq)
+    for source in pci_interrupts:
+        entries += struct.pack(
+            "<BBHBBBB",
+            MP_INTSRC,
+            MP_IRQ_INT,
+            MP_IRQ_PCI_DEFAULT,
+            PCI_BUS,
+            source.mp_source_irq,
+            ioapic_id,
+            source.gsi,
+        )
     # LINT0 = ExtINT (the 8259 behind the LAPIC), LINT1 = NMI, on every CPU (0xFF).
     entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_IRQ_EXTINT, 0, ISA_BUS, 0, 0xFF, 0)
     entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_IRQ_NMI, 0, ISA_BUS, 0, 0xFF, 1)
-    count = ncpus + 2 + 1 + 16 + 2
+    count = ncpus + 2 + 1 + 16 + len(pci_interrupts) + 2
     header = struct.Struct("<4sHBB8s12sIHHII")
     length = header.size + len(entries)
     table = bytearray(

@@ -12,16 +12,20 @@ from __future__ import annotations
 import ctypes
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from . import abi, linux
-from .boot import GDT_ADDRESS, PML4_ADDRESS, gdt_entry, write_long_mode_tables
+from .boot import GDT_ADDRESS, MAX_MAPPED_GIB, PML4_ADDRESS, gdt_entry, write_long_mode_tables
 from .devices import PciHost, Serial16550
+from .intx import IntxSource
+from .ramlayout import FOUR_GIB, PCI_HOLE_START
 from .sysapi import ioctl
 from .vm import GuestExit, RunResult, Vcpu, Vm
 
+# RAM above the hole up to the 16 GiB the boot page tables map (boot.MAX_MAPPED_GIB).
+MAX_MEMORY: Final = (MAX_MAPPED_GIB << 30) - (FOUR_GIB - PCI_HOLE_START)
 BOOT_CS: Final = 0x10
 BOOT_DS: Final = 0x18
 STACK_TOP: Final = 0x8FF0
@@ -47,9 +51,12 @@ def plan(
     Raises linux.NotAKernel or ValueError with a one-line message naming the fix.
     """
     image = linux.parse_kernel(kernel)
-    if memory > linux.PCI_HOLE_START:
+    if memory % 4096:
+        raise ValueError(f"guest RAM of {memory} bytes is not a multiple of 4 KiB: use -m 512M")
+    if memory > MAX_MEMORY:
         raise ValueError(
-            f"at most {linux.PCI_HOLE_START >> 20}M of RAM for now (one memslot below the PCI hole)"
+            f"{memory >> 20}M of RAM is more than the page tables map: use -m {MAX_MEMORY >> 30}G "
+            "or less"
         )
     if image.end + (1 << 20) > memory:
         raise ValueError(
@@ -70,6 +77,7 @@ def load(
     cmdline: bytes,
     ncpus: int,
     framebuffer: linux.Framebuffer | None = None,
+    pci_interrupts: Sequence[IntxSource] = (),
 ) -> None:
     """Write kernel, initrd, cmdline, zero page and MP table into guest RAM."""
     ram = vm.ram
@@ -89,7 +97,9 @@ def load(
         framebuffer=framebuffer,
     )
     ram.write(linux.ZERO_PAGE_ADDRESS, linux.build_zero_page(params))
-    ram.write(linux.MPTABLE_ADDRESS, linux.build_mptable(ncpus))
+    ram.write(
+        linux.MPTABLE_ADDRESS, linux.build_mptable(ncpus, pci_interrupts=tuple(pci_interrupts))
+    )
 
 
 def _segment(selector: int, code: bool) -> abi.kvm_segment:
@@ -178,6 +188,15 @@ def set_msrs(vcpu: Vcpu) -> int:
     return ioctl(vcpu.fd, abi.KVM_SET_MSRS, abi.msrs_buffer(linux.BOOT_MSRS), "KVM_SET_MSRS")
 
 
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """What `boot_linux`'s attach hook connected: how to close it, and a framebuffer
+    firmware set up (firmware.py), described to the kernel in screen_info."""
+
+    close: Callable[[], None]
+    framebuffer: linux.Framebuffer | None = None
+
+
 @dataclass(slots=True)
 class LinuxRun:
     result: RunResult
@@ -193,19 +212,30 @@ def boot_linux(
     ncpus: int = 1,
     timeout: float = 120.0,
     output: Callable[[bytes], None] | None = None,
-    attach: Callable[[Vm, PciHost], Callable[[], None]] | None = None,
+    attach: Callable[[Vm, PciHost], Attached] | None = None,
 ) -> LinuxRun:
-    """Boot; `attach(vm, pci)` may connect a device server and returns its closer."""
+    """Boot; `attach(vm, pci)` may connect a device server (and set up its framebuffer)."""
     image, initrd_address, raw_cmdline = plan(kernel, initrd, cmdline, memory)
     with Vm(memory, irqchip=True) as vm:
         uart = Serial16550(_watch_power_down(output))
         vm.pio.add(uart.ports, uart)
         pci = PciHost(vm)
         close: Callable[[], None] | None = None
+        framebuffer: linux.Framebuffer | None = None
         try:
             if attach is not None:
-                close = attach(vm, pci)
-            load(vm, image, initrd, initrd_address, raw_cmdline, ncpus)
+                attached = attach(vm, pci)
+                close, framebuffer = attached.close, attached.framebuffer
+            load(
+                vm,
+                image,
+                initrd,
+                initrd_address,
+                raw_cmdline,
+                ncpus,
+                framebuffer=framebuffer,
+                pci_interrupts=pci.intx.sources,
+            )
             for _ in range(ncpus):
                 vcpu = vm.create_vcpu(cpuid=False)
                 set_cpuid(vm, vcpu)

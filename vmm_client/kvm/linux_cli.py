@@ -12,7 +12,8 @@ from devmodel.v1 import devmodel_pb2 as pb
 from ..client import FrontendOptions, MemoryRegion, SyncSession, TlsClientFiles
 from . import linux
 from .devices import PciHost
-from .linux_boot import boot_linux, plan
+from .firmware import setup_framebuffer
+from .linux_boot import Attached, boot_linux, plan
 from .vm import Vm, kvm_flavour
 
 PVM_REFUSAL: Final = (
@@ -24,20 +25,29 @@ PVM_REFUSAL: Final = (
 PVM_APPEND: Final = "noxsave clearcpuid=cx16,popcnt,smap,xsave,avx,avx2"
 
 
-def _attach(
-    devserver: str, tls: TlsClientFiles | None
-) -> Callable[[Vm, PciHost], Callable[[], None]]:
-    def attach(vm: Vm, pci: PciHost) -> Callable[[], None]:
+def _attach(devserver: str, tls: TlsClientFiles | None) -> Callable[[Vm, PciHost], Attached]:
+    def attach(vm: Vm, pci: PciHost) -> Attached:
         shared = devserver.startswith("unix:")
         options = FrontendOptions(
             "vmm_client kvm linux",
             shared_memory_bars=True,
             memory_mode=pb.MEMORY_MODE_SHARED if shared else pb.MEMORY_MODE_NONE,
-            regions=(MemoryRegion(0, vm.ram.size, path=vm.ram.path),) if shared else (),
+            regions=tuple(
+                MemoryRegion(r.guest_address, r.size, vm.ram.path, r.offset) for r in vm.ram_regions
+            )
+            if shared
+            else (),
         )
         session = SyncSession(devserver, options, on_event=pci.handle_event, tls=tls)
-        pci.attach(session)
-        return session.close
+        pci.attach(session, session.topology)
+        framebuffer = setup_framebuffer(session, session.topology)
+        if framebuffer is not None:
+            print(
+                f"framebuffer: {framebuffer.width}x{framebuffer.height} 32 bpp at "
+                f"{framebuffer.base:#x} (screen_info, VIDEO_TYPE_VLFB)",
+                file=sys.stderr,
+            )
+        return Attached(session.close, framebuffer)
 
     return attach
 

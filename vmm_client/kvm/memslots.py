@@ -31,12 +31,24 @@ class _Mapped:
     host_address: int
 
 
+@dataclass(frozen=True, slots=True)
+class SlotChange:
+    """What happened to a BAR's memslot: "map", "move" (same slot, new address) or "unmap"."""
+
+    action: str
+    device_id: int
+    bar: int
+    slot: int
+    guest_address: int
+
+
 class SharedBarSlots:
-    """Keeps one memslot per decoding shared-memory BAR."""
+    """Keeps one memslot per decoding shared-memory BAR; `changes` says what it did."""
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self._mapped: dict[tuple[int, int], _Mapped] = {}
+        self.changes: list[SlotChange] = []
 
     def apply(self, event: BarDecodeChanged) -> None:
         """Follow one BarDecodeChanged (events without backing are ignored unless held)."""
@@ -53,6 +65,7 @@ class SharedBarSlots:
             return
         if held is not None and held.backing == event.backing:
             self.vm.move_memslot(held.slot, event.new.base)
+            self.changes.append(SlotChange("move", *key, held.slot, event.new.base))
             return
         if held is not None:
             self._unmap(key, held)
@@ -63,6 +76,7 @@ class SharedBarSlots:
             munmap(host, event.backing.size)
             raise
         self._mapped[key] = _Mapped(slot, event.backing, host)
+        self.changes.append(SlotChange("map", *key, slot, event.new.base))
 
     def slot_of(self, device_id: int, bar: int) -> int | None:
         held = self._mapped.get((device_id, bar))
@@ -81,7 +95,9 @@ class SharedBarSlots:
             os.close(fd)  # the mapping keeps the file alive
 
     def _unmap(self, key: tuple[int, int], held: _Mapped) -> None:
+        address = self.vm.memslots[held.slot].guest_address
         self.vm.delete_memslot(held.slot)
+        self.changes.append(SlotChange("unmap", *key, held.slot, address))
         munmap(held.host_address, held.backing.size)
         del self._mapped[key]
 

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 from . import abi
+from .ramlayout import RamRegion, file_offset, ram_regions
 from .sysapi import ioctl, ioctl_errno, mmap_shared, munmap, pthread_kill
 
 KVM_PATH: Final = "/dev/kvm"
@@ -310,6 +311,21 @@ class Vcpu:
     def set_cpuid(self, entries: ctypes.Array[ctypes.c_char]) -> None:
         ioctl(self.fd, abi.KVM_SET_CPUID2, entries, "KVM_SET_CPUID2")
 
+    def get_mp_state(self) -> int:
+        state = abi.kvm_mp_state()
+        ioctl(self.fd, abi.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return int(state.mp_state)
+
+    def make_runnable(self) -> None:
+        """Start this vCPU where its registers say, without INIT/SIPI.
+
+        With the in-kernel LAPIC every vCPU but 0 begins UNINITIALIZED: KVM_RUN
+        waits for the INIT/SIPI a kernel sends. A freestanding program set up
+        by the VMM on every vCPU has no one to send it.
+        """
+        state = abi.kvm_mp_state(mp_state=abi.KVM_MP_STATE_RUNNABLE)
+        ioctl(self.fd, abi.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
+
     def block_kicks(self) -> None:
         """On the vCPU's thread: block the kick signal except while inside KVM_RUN."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL}) | {KICK_SIGNAL}
@@ -457,7 +473,8 @@ class Vcpu:
 
 
 class Vm:
-    """A VM with `memory_size` bytes of RAM at guest-physical 0 (memslot 0)."""
+    """A VM with `memory_size` bytes of RAM: from guest-physical 0 up to the 32-bit PCI
+    hole (memslot 0), the rest from 4 GiB (memslot 1); see ramlayout.py."""
 
     def __init__(self, memory_size: int, *, irqchip: bool = False, kvm_path: str = KVM_PATH):
         self.kvm_fd = open_kvm(kvm_path)
@@ -487,10 +504,28 @@ class Vm:
                 ioctl(self.fd, abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
                 pit = abi.kvm_pit_config(flags=abi.KVM_PIT_SPEAKER_DUMMY)
                 ioctl(self.fd, abi.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
-            self.add_memslot(0, memory_size, self.ram.address)
+            self.ram_regions: tuple[RamRegion, ...] = ram_regions(memory_size)
+            for region in self.ram_regions:
+                self.add_memslot(
+                    region.guest_address, region.size, self.ram.address + region.offset
+                )
         except BaseException:
             self.close()
             raise
+
+    # guest-physical access to RAM (the RAM file has no hole; guest-physical space has)
+
+    def ram_offset(self, address: int, length: int) -> int:
+        at = file_offset(self.ram_regions, address, length)
+        if at is None:
+            raise ValueError(f"[{address:#x}, {address + length:#x}) is not guest RAM")
+        return at
+
+    def read_guest(self, address: int, length: int) -> bytes:
+        return self.ram.read(self.ram_offset(address, length), length)
+
+    def write_guest(self, address: int, data: bytes) -> None:
+        self.ram.write(self.ram_offset(address, len(data)), data)
 
     # memslots
 

@@ -116,8 +116,12 @@ def qemu_argv(
     *,
     memory_mb: int = 512,
     extra_qemu_args: Sequence[str] = (),
+    reboot: bool = False,
 ) -> list[str]:
-    """The full QEMU command line; qemu is the command prefix (qemu_command(tree))."""
+    """The full QEMU command line; qemu is the command prefix (qemu_command(tree)).
+
+    reboot: a guest reboot resets the machine in the same QEMU process (no
+    -no-reboot), for tests across reboots (vmm_client.qemu.reboot)."""
     return [
         *qemu,
         "-accel",
@@ -134,7 +138,7 @@ def qemu_argv(
         "-serial",
         "stdio",
         "-nographic",
-        "-no-reboot",
+        *([] if reboot else ["-no-reboot"]),
         "-kernel",
         str(vmlinux),
         "-initrd",
@@ -178,12 +182,15 @@ def boot(
     kernel_messages: bool = False,
     dmesg: bool = False,
     on_output: Callable[[str], None] | None = None,
+    reboot: bool = False,
 ) -> GuestResult:
     """Boots image under QEMU, runs script (None: `lspci -nn`) in it, and waits for power-off.
 
     qemu is a tree or a command prefix. extra_files are put into the guest
     (absolute paths, mode 0755) through an archive appended to the initrd.
-    on_output gets console text as it arrives (for live logs). Raises
+    on_output gets console text as it arrives (for live logs). reboot lets
+    the guest reboot within this QEMU (the script's own business then: see
+    vmm_client.qemu.reboot). Raises
     GuestTimeout when the guest is not done within timeout seconds, and
     GuestError when QEMU fails or the guest stops without an exit status.
     """
@@ -209,6 +216,7 @@ def boot(
             append,
             memory_mb=memory_mb,
             extra_qemu_args=extra_qemu_args,
+            reboot=reboot,
         )
         console, stderr, rc, boot_s, total_s, timed_out = _run(argv, nonce, timeout, on_output)
     parsed = parse_console(console, nonce)
@@ -320,6 +328,7 @@ def run_in_guest(
     kernel_messages: bool = False,
     dmesg: bool = False,
     on_output: Callable[[str], None] | None = None,
+    reboot: bool = False,
 ) -> GuestResult:
     """Runs a shell script in a fresh guest; provisions QEMU and builds the image if not cached.
 
@@ -340,4 +349,5 @@ def run_in_guest(
         kernel_messages=kernel_messages,
         dmesg=dmesg,
         on_output=on_output,
+        reboot=reboot,
     )

@@ -21,6 +21,14 @@ What the bridge answers itself (qemu-vfio-user.md §3 lists the wire facts):
   * DEVICE_SET_IRQS: eventfds per (IRQ index, vector), with INTx's level and
     auto-mask semantics, and per-vector mask/pending for the others.
 
+Shared-memory BARs (a vesa-fb's VRAM): when the server is on this host
+(`map_shared_bars`), the bridge opens the file the topology names for the BAR
+(BarInfo.backing, /proc/<server pid>/fd/<n>), offers the region with
+VFIO_REGION_INFO_FLAG_MMAP, and passes the fd with the GET_REGION_INFO reply
+(SCM_RIGHTS). QEMU maps it into the guest's BAR, so pixel stores land in the
+server's memory with no message at all; QEMU's own region accesses still come
+as REGION_READ/WRITE and are forwarded like any BAR's.
+
 What it forwards: region 7 (config space) as ConfigRead/ConfigWrite at the
 device's bus/device/function, regions 0..6 as BarRead/BarWrite, split into
 naturally aligned pieces the server accepts; posted REGION_WRITEs (NO_REPLY)
@@ -75,7 +83,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -143,6 +151,7 @@ class Connection:
             mirror_msix_mask=bridge.mirror_msix_mask,
             memory=bridge.memory,
             dma_data_offset=DMA_LAYOUTS[bridge.dma_layout],
+            send_fds=self._send_fds,
         )
         self._queue: asyncio.Queue[Message | FramingError | _Closed] = asyncio.Queue(QUEUE_DEPTH)
         self._send_lock = asyncio.Lock()
@@ -254,6 +263,27 @@ class Connection:
         async with self._send_lock:  # replies and DMA requests must not interleave
             await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
+    async def _send_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send `data` with `fds` attached to its first byte (SCM_RIGHTS)."""
+        if self._closed:
+            raise BrokenPipeError("connection closed")
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        loop = asyncio.get_running_loop()
+        async with self._send_lock:
+            while True:
+                try:
+                    sent = self.sock.sendmsg([data], ancillary)
+                    break
+                except BlockingIOError:
+                    writable = loop.create_future()
+                    loop.add_writer(self.sock.fileno(), _wake, writable)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(self.sock.fileno())
+            if sent < len(data):
+                await loop.sock_sendall(self.sock, data[sent:])
+
     def close(self) -> None:
         if self._closed:
             return
@@ -292,6 +322,7 @@ class VfioUserBridge:
         mirror_msix_mask: bool = True,
         memory_mode: MemoryMode = "shared",
         dma_layout: DmaLayout = "spec",
+        map_shared_bars: bool = True,
     ) -> None:
         if memory_mode not in ("shared", "messages"):
             raise ValueError(f"memory mode {memory_mode!r} is not 'shared' or 'messages'")
@@ -303,6 +334,8 @@ class VfioUserBridge:
         self.mirror_msix_mask = mirror_msix_mask
         self.memory_mode: MemoryMode = memory_mode
         self.memory: MemoryMirror | None = None  # shared mode, once started
+        # Only for a server on this host: its /proc paths mean nothing elsewhere.
+        self.map_shared_bars = map_shared_bars
         self.devices: dict[int, Device] = {}  # by device_id
         self._link: ServerLink | None = None
         self._listeners: list[socket.socket] = []
@@ -316,6 +349,7 @@ class VfioUserBridge:
             name=name or f"vfio-user bridge (pid {os.getpid()})",
             msi=True,  # QEMU delivers MSI-X itself; the server must present the capability
             bar64=True,
+            shared_memory_bars=self.map_shared_bars,
             memory_mode=pb.MEMORY_MODE_SHARED
             if self.memory_mode == "shared"
             else pb.MEMORY_MODE_DMA_MESSAGES,
@@ -352,7 +386,13 @@ class VfioUserBridge:
                 listener.bind(os.fspath(path))
                 os.chmod(path, 0o600)
                 listener.listen(1)
-                device = Device(info, device_layout(info), path)
+                mmap_fds = self._open_shared_bars(info) if self.map_shared_bars else {}
+                try:
+                    device = Device(info, device_layout(info, frozenset(mmap_fds)), path)
+                except BaseException:
+                    close_fds(mmap_fds.values())
+                    raise
+                device.mmap_fds = mmap_fds
                 self.devices[info.device_id] = device
                 self._spawn(self._accept_loop(listener, device), f"vfio-user {info.name} accept")
                 log.info(
@@ -369,6 +409,49 @@ class VfioUserBridge:
             await self.stop()
             raise
         return self.sockets
+
+    @staticmethod
+    def _open_shared_bars(info: pb.DeviceInfo) -> dict[int, int]:
+        """An fd per BAR of `info` backed by shared memory we can open and that
+        is large enough; a BAR we cannot map is served by messages (logged)."""
+        fds: dict[int, int] = {}
+        for bar in info.bars:
+            if not bar.HasField("backing") or not 0 <= bar.index < 6:
+                continue
+            backing = bar.backing
+            try:
+                fd = os.open(backing.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                log.warning(
+                    "%s BAR%d: cannot open %s (%s); not mmappable",
+                    info.name,
+                    bar.index,
+                    backing.path,
+                    e,
+                )
+                continue
+            try:
+                size = os.fstat(fd).st_size
+            except OSError:
+                size = -1
+            if (
+                backing.size != bar.size
+                or bar.size % 4096
+                or backing.file_offset != 0  # the region's mmap offset is 0
+                or (size < backing.file_offset + backing.size)
+            ):
+                log.warning(
+                    "%s BAR%d: %s does not hold [%#x +%#x); not mmappable",
+                    info.name,
+                    bar.index,
+                    backing.path,
+                    backing.file_offset,
+                    backing.size,
+                )
+                os.close(fd)
+                continue
+            fds[bar.index] = fd
+        return fds
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -491,6 +574,8 @@ class VfioUserBridge:
             await self.memory.close()
         for device in self.devices.values():
             device.handler = None
+            close_fds(device.mmap_fds.values())
+            device.mmap_fds = {}
             with contextlib.suppress(FileNotFoundError):
                 device.socket_path.unlink()
 
@@ -516,6 +601,7 @@ async def open_bridge(
         access_timeout=access_timeout,
         memory_mode=resolve_memory_mode(memory_mode, devserver_target),
         dma_layout=dma_layout,
+        map_shared_bars=devserver_target.startswith("unix:"),
     )
     channel = open_channel(devserver_target, tls)
     try:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -37,6 +37,7 @@ from .protocol import (
     IRQ_SET_DATA_EVENTFD,
     PAGE_SIZE,
     REGION_CONFIG,
+    REGION_INFO_FLAG_MMAP,
     VERSION_MAJOR,
     VERSION_MINOR,
     BarLayout,
@@ -87,15 +88,21 @@ class Device:
     msix_table: tuple[int, int] | None = None  # (BAR, offset), found on first use
     msix_table_known: bool = False
     handler: DeviceHandler | None = None
+    # Region index -> an fd of the shared memory behind it (a vesa-fb's VRAM),
+    # handed to the client with GET_REGION_INFO so guest accesses never leave
+    # QEMU. The bridge opens and closes them.
+    mmap_fds: dict[int, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.info.name
 
 
-def device_layout(info: pb.DeviceInfo) -> DeviceLayout:
+def device_layout(info: pb.DeviceInfo, mappable: frozenset[int] = frozenset()) -> DeviceLayout:
+    """The regions QEMU sees; BARs in `mappable` (we hold an fd of their
+    shared memory) are offered for mmap."""
     bars = [
-        BarLayout(bar.index, bar.size, bar.kind == pb.BAR_KIND_MEM64)
+        BarLayout(bar.index, bar.size, bar.kind == pb.BAR_KIND_MEM64, bar.index in mappable)
         for bar in info.bars
         if 0 <= bar.index <= 6
     ]
@@ -133,10 +140,12 @@ class DeviceHandler:
         dma_timeout: float = DMA_TIMEOUT,
         memory: MemoryMirror | None = None,
         dma_data_offset: int = DMA_DATA_OFFSET_SPEC,
+        send_fds: Callable[[bytes, Sequence[int]], Awaitable[None]] | None = None,
     ) -> None:
         self.device = device
         self.link = link
         self.send = send
+        self.send_fds = send_fds  # None: the shell cannot pass fds, so nothing is mmappable
         self.mirror_msix_mask = mirror_msix_mask
         self.dma_timeout = dma_timeout
         self.memory = memory  # shared mode: RAM windows go to the server
@@ -247,7 +256,18 @@ class DeviceHandler:
     async def _region_info(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_GET_REGION_INFO")
         request = RegionInfo.decode(message.payload)
-        return self._reply(message, self.device.layout.region(request.index).encode())
+        info = self.device.layout.region(request.index)
+        fd = self.device.mmap_fds.get(request.index)
+        if not info.flags & REGION_INFO_FLAG_MMAP:
+            return self._reply(message, info.encode())
+        if fd is None or self.send_fds is None or message.header.no_reply:
+            # Served by REGION_READ/WRITE instead: the client must not mmap without an fd.
+            unmapped = replace(info, flags=info.flags & ~REGION_INFO_FLAG_MMAP)
+            return self._reply(message, unmapped.encode())
+        # The fd rides with the reply (SCM_RIGHTS); the client maps `size` bytes of
+        # it from `offset` (0: the whole memfd is the region).
+        await self.send_fds(encode_reply(message.header, info.encode()), [fd])
+        return None
 
     async def _region_io_fds(self, message: Message, fds: ReceivedFds) -> bytes | None:
         self._no_fds(fds, "DEVICE_GET_REGION_IO_FDS")

@@ -789,6 +789,9 @@ class BarLayout:
     index: int  # 0..5, 6 = expansion ROM
     size: int
     is_64bit: bool = False
+    # Its bytes are shared memory the client may map: GET_REGION_INFO says
+    # MMAP and brings the file descriptor (vfio-user spec, "Region info").
+    mmap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -811,12 +814,17 @@ class DeviceLayout:
         7 config space (4 KiB, so ECAM reaches extended capabilities), 8 VGA (none).
         """
         sizes = [0] * NUM_REGIONS
+        mappable: set[int] = set()
         for bar in bars:
             if not 0 <= bar.index <= REGION_ROM:
                 raise ValueError(f"BAR index {bar.index} is not 0..6")
             if bar.size and bar.size & (bar.size - 1):
                 raise ValueError(f"BAR{bar.index} size {bar.size:#x} is not a power of two")
             sizes[bar.index] = bar.size
+            if bar.mmap and bar.size:
+                if bar.index == REGION_ROM or bar.size % PAGE_SIZE:
+                    raise ValueError(f"BAR{bar.index} cannot be mapped (ROM, or not whole pages)")
+                mappable.add(bar.index)
         sizes[REGION_CONFIG] = config_size
         regions = []
         for index, size in enumerate(sizes):
@@ -826,6 +834,8 @@ class DeviceLayout:
                 flags = REGION_INFO_FLAG_READ
             else:
                 flags = REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE
+            if index in mappable:
+                flags |= REGION_INFO_FLAG_MMAP
             regions.append(RegionInfo(REGION_INFO_SIZE, flags, index, 0, size, 0))
         eventfd = IRQ_INFO_EVENTFD
         irqs = (

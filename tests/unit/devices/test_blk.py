@@ -11,11 +11,18 @@ from hypothesis import strategies as st
 
 from devserver.devices.blk import (
     CONFIG,
+    DISCARD_SECTOR_ALIGNMENT,
     HEADER,
     MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG,
+    MAX_QUEUES,
+    MAX_WRITE_ZEROES_SEG,
     SEG_MAX,
     SEGMENT,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -80,7 +87,7 @@ class FakeDisk:
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
         self._check()
-        self.calls.append(("write_zeroes", offset, length))
+        self.calls.append(("write_zeroes_unmap" if unmap else "write_zeroes", offset, length))
         self.data[offset : offset + length] = bytes(length)
 
     def close(self) -> None:
@@ -90,14 +97,16 @@ class FakeDisk:
 class Blk:
     """A started virtio-blk function and helpers to send requests."""
 
-    def __init__(self, disk: FakeDisk, serial: str = "disk-1") -> None:
+    def __init__(
+        self, disk: FakeDisk, serial: str = "disk-1", *, discard: bool = True, num_queues: int = 1
+    ) -> None:
         self.disk = disk
-        self.dev = VirtioBlk(disk, serial=serial)
+        self.dev = VirtioBlk(disk, serial=serial, discard=discard, num_queues=num_queues)
         self.mem = BytearrayMemory(RAM_SIZE)
         self.fn = VirtioPciFunction(self.dev, presentation=Presentation(), memory=self.mem)
         self.fn.device_id = 4
         self.drv = FakeVirtioDriver(self.fn, self.mem)
-        self.drv.start(1)
+        self.drv.start(num_queues)
 
     def buffer(self, data: bytes | int) -> tuple[int, int]:
         size = data if isinstance(data, int) else len(data)
@@ -106,9 +115,9 @@ class Blk:
             self.drv.put(gpa, data)
         return gpa, size
 
-    def submit(self, buffers: list[tuple[int, int, bool]]) -> int:
-        head = self.drv.add_chain(0, buffers)
-        self.drv.publish(0, head)
+    def submit(self, buffers: list[tuple[int, int, bool]], queue: int = 0) -> int:
+        head = self.drv.add_chain(queue, buffers)
+        self.drv.publish(queue, head)
         return head
 
     def request(
@@ -119,6 +128,7 @@ class Blk:
         in_len: int = 0,
         *,
         status: bool = True,
+        queue: int = 0,
     ) -> tuple[int, int, int, int]:
         """Send one request; returns (status, used len, in-buffer gpa, status gpa)."""
         hdr, hlen = self.buffer(HEADER.pack(type_, 0, sector))
@@ -133,9 +143,9 @@ class Blk:
         st_gpa, _ = self.buffer(b"\xee")
         if status:
             buffers.append((st_gpa, 1, True))
-        head = self.submit(buffers)
-        self.drv.kick(0)
-        used = self.drv.used(0)
+        head = self.submit(buffers, queue)
+        self.drv.kick(queue)
+        used = self.drv.used(queue)
         assert used and used[-1][0] == head, "every popped head is returned (C9)"
         return self.drv.get(st_gpa, 1)[0], used[-1][1], in_gpa, st_gpa
 
@@ -151,8 +161,16 @@ def test_config_structure_and_features(blk: Blk) -> None:
     assert fields[0] == DISK // 512  # capacity
     assert fields[2] == SEG_MAX
     assert fields[6] == 512  # blk_size
+    assert fields[7:11] == (3, 0, 8, 2048)  # 4 KiB physical blocks, min 4 KiB, opt 1 MiB
+    assert blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_TOPOLOGY)
+    assert fields[13] == 1  # num_queues
     assert fields[14] == MAX_DISCARD_SECTORS
-    assert fields[15] == 1  # max_discard_seg
+    assert fields[15] == MAX_DISCARD_SEG
+    assert fields[16] == DISCARD_SECTOR_ALIGNMENT
+    assert fields[18] == MAX_WRITE_ZEROES_SEG
+    assert fields[19] == 1  # write_zeroes_may_unmap
+    assert blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_DISCARD)
+    assert not blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_MQ)
     assert not blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_RO)
     ro = Blk(FakeDisk(read_only=True))
     assert ro.drv.device_features() & feature_bit(VIRTIO_BLK_F_RO)
@@ -204,13 +222,68 @@ def test_discard_and_write_zeroes(blk: Blk) -> None:
     assert blk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=seg)[0] == VIRTIO_BLK_S_OK
     assert blk.disk.data[8 * 512 : 10 * 512] == bytes(1024)
     assert blk.disk.data[10 * 512] == 0xFF
+    assert ("write_zeroes_unmap", 8 * 512, 1024) in blk.disk.calls
+    seg = SEGMENT.pack(12, 1, 0)  # no UNMAP flag: the blocks must stay allocated
+    assert blk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=seg)[0] == VIRTIO_BLK_S_OK
+    assert ("write_zeroes", 12 * 512, 512) in blk.disk.calls
+
+
+def test_several_segments_in_one_request(blk: Blk) -> None:
+    segs = b"".join(SEGMENT.pack(4 * i, 2, 0) for i in range(MAX_DISCARD_SEG))
+    assert blk.request(VIRTIO_BLK_T_DISCARD, out=segs)[0] == VIRTIO_BLK_S_OK
+    discards = [c for c in blk.disk.calls if c[0] == "discard"]
+    assert discards == [("discard", 4 * i * 512, 1024) for i in range(MAX_DISCARD_SEG)]
+    # One segment past the disk fails the whole request before any is done.
+    blk.disk.calls.clear()
+    segs = SEGMENT.pack(0, 1, 0) + SEGMENT.pack(DISK // 512, 1, 0)
+    assert blk.request(VIRTIO_BLK_T_DISCARD, out=segs)[0] == VIRTIO_BLK_S_IOERR
+    assert blk.disk.calls == []
+
+
+def test_discard_off_offers_no_discard_and_never_unmaps() -> None:
+    blk = Blk(FakeDisk(), discard=False)
+    assert not blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_DISCARD)
+    raw = bytes(blk.drv.read(DEVICE_CFG_OFFSET + i, 1) for i in range(CONFIG.size))
+    fields = CONFIG.unpack(raw)
+    assert fields[14:17] == (0, 0, 0)  # max_discard_sectors, _seg, alignment
+    assert fields[19] == 0  # write_zeroes_may_unmap
+    seg = SEGMENT.pack(2, 4, 0)
+    assert blk.request(VIRTIO_BLK_T_DISCARD, out=seg)[0] == VIRTIO_BLK_S_UNSUPP
+    seg = SEGMENT.pack(2, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+    assert blk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=seg)[0] == VIRTIO_BLK_S_OK
+    assert ("write_zeroes", 1024, 2048) in blk.disk.calls
+    assert not any(c[0] in ("discard", "write_zeroes_unmap") for c in blk.disk.calls)
+
+
+def test_several_queues_each_serve_requests() -> None:
+    blk = Blk(FakeDisk(), num_queues=4)
+    assert blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_MQ)
+    assert blk.drv.read(0x12, 2) == 4  # common config num_queues
+    raw = bytes(blk.drv.read(DEVICE_CFG_OFFSET + i, 1) for i in range(CONFIG.size))
+    assert CONFIG.unpack(raw)[13] == 4
+    for q in range(4):
+        data = bytes([q + 1]) * 512
+        assert blk.request(VIRTIO_BLK_T_OUT, sector=q, out=data, queue=q)[0] == VIRTIO_BLK_S_OK
+    for q in reversed(range(4)):
+        status, used, in_gpa, _ = blk.request(VIRTIO_BLK_T_IN, sector=q, in_len=512, queue=q)
+        assert (status, used) == (VIRTIO_BLK_S_OK, 513)
+        assert blk.drv.get(in_gpa, 512) == bytes([q + 1]) * 512
+    # Each queue interrupts on its own vector (the driver gave queue q vector q + 1).
+    vectors = {e.vector for e in blk.drv.take() if isinstance(e, MsiRaised)}
+    assert vectors == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("count", [0, MAX_QUEUES + 1])
+def test_queue_count_is_bounded(count: int) -> None:
+    with pytest.raises(ConfigError, match="num-queues"):
+        VirtioBlk(FakeDisk(), num_queues=count)
 
 
 @pytest.mark.parametrize(
     ("type_", "payload"),
     [
         (VIRTIO_BLK_T_DISCARD, SEGMENT.pack(0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)),
-        (VIRTIO_BLK_T_DISCARD, SEGMENT.pack(0, 1, 0) * 2),  # more than max_discard_seg
+        (VIRTIO_BLK_T_DISCARD, SEGMENT.pack(0, 1, 0) * (MAX_DISCARD_SEG + 1)),  # too many
         (VIRTIO_BLK_T_DISCARD, b"\0" * 15),  # not whole segments
         (VIRTIO_BLK_T_WRITE_ZEROES, SEGMENT.pack(0, 1, 0x80)),  # reserved flag
         (VIRTIO_BLK_T_DISCARD, SEGMENT.pack(0, MAX_DISCARD_SECTORS + 1, 0)),

@@ -28,6 +28,10 @@ class FakeStream:
         self.incoming = bytearray()
         self.sent = bytearray()
         self.connected = True
+        self.size: tuple[int, int] | None = None  # (cols, rows) of a host terminal
+
+    def window_size(self) -> tuple[int, int] | None:
+        return self.size
 
     def readable(self) -> int:
         return len(self.incoming)
@@ -117,7 +121,7 @@ def test_rx_delivers_across_several_buffers() -> None:
     c.drv.kick(RECEIVEQ)
     assert c.drv.used(RECEIVEQ) == []  # nothing waiting: buffers stay posted
     c.stream.incoming += b"abcdefgh"
-    assert c.dev.pump_rx() is False
+    assert c.dev.pump_host() is False
     assert c.drv.used(RECEIVEQ) == [(h1, 5), (h2, 3)]
     assert c.drv.get(g1[0], 3) + c.drv.get(g1[1], 2) == b"abcde"
     assert c.drv.get(g2[0], 3) == b"fgh"
@@ -128,7 +132,7 @@ def test_rx_delivers_across_several_buffers() -> None:
 def test_rx_back_pressure_without_buffers() -> None:
     c = Console()
     c.stream.incoming += b"x" * 10
-    assert c.dev.pump_rx() is False
+    assert c.dev.pump_host() is False
     assert c.stream.readable() == 10  # left with the stream, not taken
     head, gpas = c.post_rx([4])
     c.drv.kick(RECEIVEQ)
@@ -145,9 +149,9 @@ def test_rx_is_bounded_per_call() -> None:
     for _ in range(100):
         c.post_rx([1])
     c.stream.incoming += b"y" * 100
-    assert c.dev.pump_rx() is True  # QUEUE_WEIGHT chains, then more to do
+    assert c.dev.pump_host() is True  # QUEUE_WEIGHT chains, then more to do
     assert len(c.drv.used(RECEIVEQ)) == 64
-    assert c.dev.pump_rx() is False
+    assert c.dev.pump_host() is False
     assert len(c.drv.used(RECEIVEQ)) == 36
 
 
@@ -157,7 +161,7 @@ def test_reset_drops_queues_and_keeps_host_bytes() -> None:
     c.drv.set_status(0)
     assert c.dev.queues == {}
     c.stream.incoming += b"later"
-    assert c.dev.pump_rx() is False
+    assert c.dev.pump_host() is False
     assert c.stream.readable() == 5
     c.drv.queues.clear()
     c.drv.start(2)

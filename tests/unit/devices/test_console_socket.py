@@ -7,12 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from devserver.backends.console_socket import (
-    RX_LIMIT,
-    TX_LIMIT,
-    SocketConsole,
-    open_console_sockets,
-)
+from devserver.backends.console_ends import open_console_ends
+from devserver.backends.console_socket import RX_LIMIT, TX_LIMIT, SocketConsole
 from devserver.config import parse_device_spec
 from devserver.errors import ConfigError
 
@@ -103,12 +99,12 @@ def test_open_refuses_a_path_that_is_not_a_socket(tmp_path: Path) -> None:
     plain = tmp_path / "file"
     plain.write_text("x")
     with pytest.raises(ConfigError, match="not a socket"):
-        open_console_sockets([parse_device_spec(f"virtio-console,socket={plain}")])
+        open_console_ends([parse_device_spec(f"virtio-console,socket={plain}")])
     with pytest.raises(ConfigError, match="cannot listen"):
-        open_console_sockets([parse_device_spec(f"virtio-console,socket={tmp_path}/no/such")])
-    opened = open_console_sockets([parse_device_spec(f"virtio-console,socket={tmp_path}/ok")])
+        open_console_ends([parse_device_spec(f"virtio-console,socket={tmp_path}/no/such")])
+    opened = open_console_ends([parse_device_spec(f"virtio-console,socket={tmp_path}/ok")])
     assert list(opened) == [0]
-    opened[0].close()
+    opened[0].console.close()
     assert not (tmp_path / "ok").exists()
 
 
@@ -135,3 +131,28 @@ async def test_a_client_that_does_not_read_gets_writes_refused(tmp_path: Path) -
             await writer.wait_closed()
     finally:
         await console.aclose()
+
+
+def test_a_client_is_served_under_uvloop(tmp_path: Path) -> None:
+    """`python -m devserver` runs on uvloop, whose transports are no
+    asyncio.Transport subclasses: a client must still be served."""
+    import uvloop
+
+    async def main() -> None:
+        path = str(tmp_path / "con.sock")
+        console = SocketConsole(path)
+        await console.start()
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            await _until(lambda: console.connected)
+            writer.write(b"ping")
+            await _until(lambda: console.readable() == 4)
+            assert console.read(8) == b"ping"
+            assert console.write(b"pong")
+            assert await reader.readexactly(4) == b"pong"
+        finally:
+            writer.close()
+            await console.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 30))

@@ -1,0 +1,237 @@
+"""devserver.service.dma_messages on its own: guest memory by DmaRequest with
+no gRPC stream (the send function records what would go out), and the
+stream's read-ahead with a fake reader."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import pytest_asyncio
+
+from devmodel.v1 import devmodel_pb2 as pb
+from devserver.errors import GuestMemoryError
+from devserver.memory import MAX_ACCESS, MemoryRegion
+from devserver.service.dma_messages import DmaChannel, MessageGuestMemory, ReadAhead
+from devserver.service.stats import ServerCounters
+
+DEVICE = 7
+
+
+class Wire:
+    """What the memory sends, and a frontend answering from a bytearray."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.sent: list[pb.DmaRequest] = []
+        self.ram = bytearray(0x10000)
+        self.answer = answer
+        self.memory: MessageGuestMemory | None = None
+        self.arrived = asyncio.Event()
+
+    async def send(self, items: list[pb.ServerItem]) -> None:
+        for item in items:
+            request = item.event.dma_request
+            self.sent.append(request)
+            self.arrived.set()
+            if not self.answer:
+                continue
+            assert self.memory is not None
+            if request.write:
+                self.ram[request.address : request.address + request.length] = request.data
+                reply = pb.DmaReply(request_id=request.request_id, ok=True)
+            else:
+                data = bytes(self.ram[request.address : request.address + request.length])
+                reply = pb.DmaReply(request_id=request.request_id, ok=True, data=data)
+            assert self.memory.resolve(reply)
+
+
+@pytest_asyncio.fixture
+async def make() -> AsyncIterator[Callable[..., tuple[MessageGuestMemory, Wire]]]:
+    made: list[MessageGuestMemory] = []
+
+    def build(
+        *, answer: bool = True, timeout: float = 5.0, limit: int = 64
+    ) -> tuple[MessageGuestMemory, Wire]:
+        wire = Wire(answer)
+        memory = MessageGuestMemory(
+            DmaChannel(limit, timeout), asyncio.get_running_loop(), wire.send, ServerCounters()
+        )
+        wire.memory = memory
+        made.append(memory)
+        return memory, wire
+
+    yield build
+    for memory in made:
+        memory.channel.fail_waiters("test over")
+        await memory.aclose()
+
+
+async def test_reads_and_writes_are_requests_carrying_the_device(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make()
+    view = memory.for_device(DEVICE)
+    await asyncio.to_thread(view.write, 0x100, b"hello")
+    assert await asyncio.to_thread(view.read, 0x100, 5) == b"hello"
+    assert [(r.device_id, r.address, r.length, r.write) for r in wire.sent] == [
+        (DEVICE, 0x100, 5, True),
+        (DEVICE, 0x100, 5, False),
+    ]
+    assert wire.sent[0].request_id != wire.sent[1].request_id
+
+
+@pytest.mark.parametrize(
+    ("gpa", "length", "needle"),
+    [
+        (0x1_0000 - 2, 4, "outside guest RAM"),  # runs off the announced RAM
+        (0x2_0000, 1, "outside guest RAM"),  # in the hole between regions
+        (2**64 - 2, 4, "wraps"),
+        (0, MAX_ACCESS + 1, "at most"),  # never a guest-sized allocation
+    ],
+)
+async def test_bad_ranges_fail_without_a_round_trip(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]], gpa: int, length: int, needle: str
+) -> None:
+    memory, wire = make()
+    memory.set_map([MemoryRegion(0, 0x1_0000), MemoryRegion(0x3_0000, 0x1000, read_only=True)])
+    view = memory.for_device(DEVICE)
+    with pytest.raises(GuestMemoryError, match=needle):
+        await asyncio.to_thread(view.read, gpa, length)
+    assert wire.sent == []
+
+
+async def test_read_only_ram_and_the_loop_thread(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make()
+    memory.set_map([MemoryRegion(0x3_0000, 0x1000, read_only=True)])
+    view = memory.for_device(DEVICE)
+    with pytest.raises(GuestMemoryError, match="read-only"):
+        await asyncio.to_thread(view.write, 0x3_0000, b"x")
+    view.check_ram(0x3_0000, 0x1000)
+    with pytest.raises(GuestMemoryError, match="outside guest RAM"):
+        view.check_ram(0x3_0000, 0x1001)
+    # On the event loop a reply could never be read: refused at once, no hang.
+    with pytest.raises(GuestMemoryError, match="event loop"):
+        view.read(0x3_0000, 4)
+    assert wire.sent == []
+
+
+async def test_an_unanswered_request_times_out_and_its_late_reply_is_dropped(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False, timeout=0.2)
+    view = memory.for_device(DEVICE)
+    with pytest.raises(GuestMemoryError, match=r"did not answer DMA request 1 within 0\.2 s"):
+        await asyncio.to_thread(view.read, 0, 2)
+    assert len(wire.sent) == 1
+    late = pb.DmaReply(request_id=1, ok=True, data=b"ab")
+    assert memory.resolve(late)  # taken (and dropped) ...
+    assert not memory.resolve(late)  # ... once: a second one is nobody's
+    assert memory._counters.devices[DEVICE].dma_errors == 1
+
+
+async def test_failing_the_waiters_wakes_a_worker_at_once(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False, timeout=60)
+    view = memory.for_device(DEVICE)
+    worker = asyncio.ensure_future(asyncio.to_thread(view.read, 0, 2))
+    await asyncio.wait_for(wire.arrived.wait(), 10)
+    memory.channel.fail_waiters("the frontend's stream ended")
+    with pytest.raises(GuestMemoryError, match="stream ended"):
+        await asyncio.wait_for(worker, 10)
+    with pytest.raises(GuestMemoryError, match="stream ended"):  # and none start after
+        await asyncio.to_thread(view.read, 0, 2)
+
+
+async def test_what_is_owed_is_bounded(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False, timeout=60, limit=1)
+    view = memory.for_device(DEVICE)
+    first = asyncio.ensure_future(asyncio.to_thread(view.read, 0, 2))
+    await asyncio.wait_for(wire.arrived.wait(), 10)
+    with pytest.raises(GuestMemoryError, match="already owes 1"):
+        await asyncio.to_thread(view.read, 2, 2)
+    assert memory.resolve(pb.DmaReply(request_id=wire.sent[0].request_id, ok=True, data=b"ok"))
+    assert await first == b"ok"
+
+
+# ---------------------------------------------------------------- read-ahead
+
+
+def _write(seq: int, size: int = 8) -> pb.Request:
+    return pb.Request(seq=seq, bar_write=pb.BarWrite(device_id=1, bar=0, size=size))
+
+
+async def test_read_ahead_hands_replies_over_while_the_serve_loop_is_stuck() -> None:
+    incoming: asyncio.Queue[object] = asyncio.Queue()
+    consumed: list[int] = []
+    ended: list[str] = []
+    counters = ServerCounters()
+
+    def consume(reply: pb.DmaReply) -> bool:
+        consumed.append(reply.request_id)
+        return reply.request_id < 100  # ours; the rest are someone else's
+
+    reader = ReadAhead(incoming.get, consume, ended.append, counters, limit=2000)
+    try:
+        for seq in range(20):  # requests nobody serves yet: about 220 bytes each
+            incoming.put_nowait(pb.FrontendMessage(requests=[_write(seq)]))
+        incoming.put_nowait(
+            pb.FrontendMessage(
+                requests=[pb.Request(dma_reply=pb.DmaReply(request_id=5)), _write(99)]
+            )
+        )
+        await asyncio.sleep(0.05)
+        assert consumed == []  # the bound stopped reading: back-pressure
+        assert reader.queued <= 2000 + 300
+        got = [await reader.next() for _ in range(20)]
+        assert [r[0].seq for r in got if r] == list(range(20))
+        assert await reader.next() == [_write(99)]  # the reply left the message
+        assert consumed == [5]
+        incoming.put_nowait(
+            pb.FrontendMessage(requests=[pb.Request(dma_reply=pb.DmaReply(request_id=200))])
+        )
+        [other] = await reader.next() or []
+        assert other.dma_reply.request_id == 200  # not ours: served in order
+        incoming.put_nowait(object())  # the stream's end (grpc.aio.EOF)
+        assert await reader.next() is None
+        assert ended == ["the frontend's stream ended"]
+        assert (counters.frontend_messages, counters.requests) == (22, 1)
+    finally:
+        await reader.aclose()
+
+
+async def test_read_ahead_passes_a_stream_error_on() -> None:
+    ended: list[str] = []
+
+    async def broken() -> object:
+        raise ConnectionResetError("gone")
+
+    reader = ReadAhead(broken, lambda _: False, ended.append, ServerCounters())
+    with pytest.raises(ConnectionResetError):
+        await reader.next()
+    assert ended == ["the frontend's stream failed"]
+    await reader.aclose()
+
+
+def test_channel_ids_are_unique_across_threads() -> None:
+    channel = DmaChannel(limit=10_000)
+    ids: list[int] = []
+
+    def take() -> None:
+        for _ in range(1000):
+            request_id = channel.allocate(object())  # type: ignore[arg-type]
+            assert request_id is not None
+            ids.append(request_id)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ids) == list(range(1, 4001))
