@@ -23,7 +23,12 @@ from typing import ClassVar, Final, Protocol
 
 from .chain import DescriptorChain, RingMemory
 from .queue import SplitQueue
-from .spec import VIRTIO_F_VERSION_1, feature_bit
+from .spec import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    feature_bit,
+)
 
 # Chains handled per notify() call before yielding (vhost_exceeds_weight's idea).
 QUEUE_WEIGHT: Final = 64
@@ -48,7 +53,15 @@ class VirtioDevice:
     def __init__(self, queue_max_sizes: tuple[int, ...], features: int = 0) -> None:
         self.queue_max_sizes = queue_max_sizes
         # §6.1: a modern device offers VERSION_1 (Linux refuses a device without it).
-        self.avail_features = features | feature_bit(VIRTIO_F_VERSION_1)
+        # The ring features are the transport's (the queue code implements them for
+        # every device): indirect tables let a driver post long requests in one
+        # ring slot, EVENT_IDX halves the kicks and interrupts of a busy queue.
+        self.avail_features = (
+            features
+            | feature_bit(VIRTIO_F_VERSION_1)
+            | feature_bit(VIRTIO_F_RING_INDIRECT_DESC)
+            | feature_bit(VIRTIO_F_RING_EVENT_IDX)
+        )
         self.acked_features = 0
         self.queues: Mapping[int, SplitQueue] = {}
         self.memory: RingMemory | None = None
