@@ -551,6 +551,11 @@ def _build(
             config = kroot / "boot" / f"config-{kver}"
             if config.is_file():
                 _write_atomic(d / f"config-{kver}", config.read_bytes())
+    bzimage = d / "bzImage"
+    if not bzimage.is_file():
+        # Kept for frontends that load the 64-bit boot protocol's bzImage (the KVM
+        # VMM's --kernel takes either) and for tests of that parser.
+        _write_atomic(bzimage, (kroot / "boot" / f"vmlinuz-{kver}").read_bytes())
     moddir = kroot / "lib" / "modules" / kver
     with steps.step("resolving kernel modules"):
         mods = resolve_modules(moddir, wanted_modules)
