@@ -201,7 +201,10 @@ def run_column(
         if column.key == "builtin":
             result = run_in_guest(script, builtin_args(image), tools=TOOLS, timeout=timeout)
         else:
-            proc, address = start_server(directory, (f"virtio-blk,path={image}",))
+            try:
+                proc, address = start_server(directory, (f"virtio-blk,path={image}",))
+            except SystemExit as e:  # start_server's way of saying it did not start
+                return str(e)
             try:
                 result = uvloop.run(served(address, script, column.key, timeout))
             finally:

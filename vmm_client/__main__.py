@@ -265,8 +265,11 @@ async def _qemu(args: argparse.Namespace) -> int:
 
 
 async def _qemu_on(args: argparse.Namespace) -> int:
+    from .qemu.drivers import modules_for, served_devices
     from .qemu.frontend import boot_served_guest
 
+    # A served vesa-fb needs the bochs driver in the guest image.
+    modules = modules_for(d.type for d in await served_devices(args.devserver, _tls(args)))
     print(f"booting a Linux guest under QEMU with the devices of {args.devserver} ...", flush=True)
     result = await boot_served_guest(
         args.devserver,
@@ -276,6 +279,7 @@ async def _qemu_on(args: argparse.Namespace) -> int:
         extra_append=args.append,
         memory_mb=args.memory,
         memory_mode=args.memory_mode,
+        modules=modules,
     )
     print(result.output, end="")
     print(

@@ -172,6 +172,7 @@ class VirtioBlk(VirtioDevice):
     """The block device over a BlockBackend."""
 
     device_type = VirtioDeviceId.BLOCK
+    type_name = "virtio-blk"
     pci_class_code = 0x018000  # mass storage, other (QEMU's virtio-blk-pci)
 
     def __init__(

@@ -145,6 +145,7 @@ class VirtioConsole(VirtioDevice):
     """Port 0 on `stream`; named ports (multiport) on the streams of `ports`."""
 
     device_type = VirtioDeviceId.CONSOLE
+    type_name = "virtio-console"
     pci_class_code = 0x078000  # simple communication controller, other (QEMU's)
 
     def __init__(

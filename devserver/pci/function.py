@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 from ..effects import AddressRange, BarKind, DmaRequested, Effect, IntxChanged, MsiRaised
 from ..errors import AccessError, ConfigError
@@ -118,7 +117,9 @@ def validate_config_access(offset: int, size: int, space: int) -> None:
 class PciFunction:
     """Base class of every device function on our bus."""
 
-    type_name: ClassVar[str] = "pci-function"
+    # The --device type it was made from ("virtio-blk"); a class default a
+    # function may refine per instance (a virtio transport takes its device's).
+    type_name: str = "pci-function"
 
     def __init__(
         self,

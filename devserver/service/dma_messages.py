@@ -53,6 +53,7 @@ import asyncio
 import bisect
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -79,6 +80,10 @@ READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 _REQUEST_COST: Final = 200
 # Timed-out request ids remembered, so their late replies are dropped quietly.
 _EXPIRED_KEPT: Final = 1024
+# Writes one device may have posted and not yet fenced (DeviceDma): well under
+# the MAX_DMA_OUTSTANDING the session's devices share, and bytes held for them.
+MAX_POSTED: Final = 16
+MAX_POSTED_BYTES: Final = 4 * 1024 * 1024
 
 Sender = Callable[[list[pb.ServerItem]], Coroutine[Any, Any, None]]
 
@@ -91,6 +96,14 @@ class PendingDma:
     token: int
     length: int
     write: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A worker's request on its way: wait for `future` (MessageGuestMemory.wait)."""
+
+    request_id: int
+    future: concurrent.futures.Future[bytes]
 
 
 @dataclass(eq=False, slots=True)
@@ -239,6 +252,9 @@ class MessageGuestMemory:
         # whole on the loop, so a worker mid-lookup sees the old map or the new.
         self._map: tuple[tuple[int, ...], tuple[tuple[int, int, bool], ...]] = ((), ())
         self._tasks: set[asyncio.Task[None]] = set()
+        self._epoch = 0  # moved on the loop by ReadAhead; read by workers
+        self._epoch_wired = False
+        self._ticks = itertools.count(1)
 
     def for_device(self, device_id: int) -> DeviceDma:
         return DeviceDma(self, device_id)
@@ -276,26 +292,36 @@ class MessageGuestMemory:
     def transfer(self, device_id: int, gpa: int, length: int, data: bytes | None) -> bytes:
         """Read `length` bytes (data None) or write `data` at `gpa`, waiting for the
         frontend; GuestMemoryError if it cannot be done."""
-        end = check_range(gpa, length)  # at most MAX_ACCESS: no guest-sized allocation
-        self.check_ram(gpa, length, write=data is not None)
-        if length == 0:
-            return b""
-        if threading.get_ident() == self._loop_thread:
-            # The reply could never be read: the loop would wait for itself.
-            raise GuestMemoryError("DMA by message from the event loop (a server bug)")
+        end = self.check_transfer(gpa, length, write=data is not None)
         pieces = []
         for at in range(gpa, end, MAX_DMA_BYTES):
             n = min(MAX_DMA_BYTES, end - at)
             chunk = None if data is None else data[at - gpa : at - gpa + n]
-            pieces.append(self._one(device_id, at, n, chunk))
+            sent = self.start(device_id, at, n, chunk)
+            if sent is None:
+                raise GuestMemoryError(self.channel.refusal())
+            pieces.append(self.wait(device_id, sent))
+        if not pieces:
+            return b""
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _one(self, device_id: int, gpa: int, length: int, data: bytes | None) -> bytes:
+    def check_transfer(self, gpa: int, length: int, *, write: bool) -> int:
+        """The end of a transfer the checks allow (GuestMemoryError otherwise)."""
+        end = check_range(gpa, length)  # at most MAX_ACCESS: no guest-sized allocation
+        self.check_ram(gpa, length, write=write)
+        if length and threading.get_ident() == self._loop_thread:
+            # The reply could never be read: the loop would wait for itself.
+            raise GuestMemoryError("DMA by message from the event loop (a server bug)")
+        return end
+
+    def start(self, device_id: int, gpa: int, length: int, data: bytes | None) -> Sent | None:
+        """Send one DmaRequest of at most MAX_DMA_BYTES, checked by the caller
+        (check_transfer); None if the frontend already owes its limit."""
         write = data is not None
         future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
         request_id = self.channel.allocate(Waiter(device_id, length, write, future))
         if request_id is None:
-            raise GuestMemoryError(self.channel.refusal())
+            return None
         effect = DmaRequested(device_id, request_id, gpa, length, write, data or b"")
         item = pb.ServerItem(event=event_to_pb(effect, request_id))
         try:
@@ -303,17 +329,39 @@ class MessageGuestMemory:
         except RuntimeError:  # the loop is gone: the server is stopping
             self.channel.expire(request_id)
             raise GuestMemoryError("the server is stopping") from None
+        return Sent(request_id, future)
+
+    def wait(self, device_id: int, sent: Sent) -> bytes:
+        """The reply to a started request: the bytes read (b"" for a write);
+        GuestMemoryError if it failed or did not come within the timeout."""
         timeout = self.channel.timeout
         try:
-            return future.result(timeout)
+            return sent.future.result(timeout)
         except TimeoutError:
-            if self.channel.expire(request_id) is None and future.done():
-                return future.result()  # answered just as we gave up
+            if self.channel.expire(sent.request_id) is None and sent.future.done():
+                return sent.future.result()  # answered just as we gave up
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._count, device_id, True)
             raise GuestMemoryError(
-                f"the frontend did not answer DMA request {request_id} within {timeout:g} s"
+                f"the frontend did not answer DMA request {sent.request_id} within {timeout:g} s"
             ) from None
+
+    # -- the epoch (BatchedRingMemory.epoch)
+
+    def wire_epoch(self) -> None:
+        """The session's ReadAhead will call saw_requests for what it reads."""
+        self._epoch_wired = True
+
+    def saw_requests(self) -> None:
+        """Requests other than DMA replies arrived (a kick among them, maybe)."""
+        self._epoch += 1
+
+    def epoch(self) -> int:
+        if not self._epoch_wired:
+            # Nobody tells us what arrives: a number never seen twice, so no
+            # queue keeps an "empty" verdict.
+            return -next(self._ticks)
+        return self._epoch
 
     # -- the loop's side
 
@@ -368,22 +416,80 @@ class MessageGuestMemory:
 
 
 class DeviceDma:
-    """MessageGuestMemory as one device's RingMemory (requests carry its id)."""
+    """MessageGuestMemory as one device's RingMemory (requests carry its id), and
+    a BatchedRingMemory (devserver.virtio.chain): its queues read rings whole
+    and its writes are posted.
 
-    __slots__ = ("device_id", "memory")
+    A write returns once its DmaRequest is on its way; `fence` waits for every
+    write posted so far and raises the first failure. Between fences the
+    frontend may carry the writes out in any order, so the queue fences where
+    the spec orders them (a used element, and the buffers it returns, before
+    used.idx; used.idx and avail_event before it reads the driver's fields
+    again). A read waits for posted writes first when it overlaps one, and a
+    write overlapping one waits too: the same bytes stay in program order. At
+    most MAX_POSTED writes (MAX_POSTED_BYTES) are in flight per device; a
+    write past that fences first. Used by one worker at a time (the device's
+    lock), so its list of posted writes needs no lock of its own.
+    """
+
+    __slots__ = ("_posted", "_posted_bytes", "device_id", "memory")
 
     def __init__(self, memory: MessageGuestMemory, device_id: int) -> None:
         self.memory = memory
         self.device_id = device_id
+        self._posted: list[tuple[int, int, Sent]] = []  # (gpa, length, request)
+        self._posted_bytes = 0
 
     def read(self, gpa: int, length: int) -> bytes:
+        if self._posted and self._overlaps(gpa, length):
+            self.fence()
         return self.memory.transfer(self.device_id, gpa, length, None)
 
     def write(self, gpa: int, data: bytes) -> None:
-        self.memory.transfer(self.device_id, gpa, len(data), bytes(data))
+        data = bytes(data)
+        length = len(data)
+        end = self.memory.check_transfer(gpa, length, write=True)  # refused now, not later
+        if not length:
+            return
+        if (
+            len(self._posted) >= MAX_POSTED
+            or self._posted_bytes + length > MAX_POSTED_BYTES
+            or self._overlaps(gpa, length)
+        ):
+            self.fence()
+        for at in range(gpa, end, MAX_DMA_BYTES):
+            n = min(MAX_DMA_BYTES, end - at)
+            chunk = data[at - gpa : at - gpa + n]
+            sent = self.memory.start(self.device_id, at, n, chunk)
+            if sent is None:  # the channel is full, perhaps of our own writes
+                self.fence()
+                sent = self.memory.start(self.device_id, at, n, chunk)
+                if sent is None:
+                    raise GuestMemoryError(self.memory.channel.refusal())
+            self._posted.append((at, n, sent))
+            self._posted_bytes += n
+
+    def fence(self) -> None:
+        posted, self._posted, self._posted_bytes = self._posted, [], 0
+        error: GuestMemoryError | None = None
+        for gpa, length, sent in posted:  # wait for all, even after a failure
+            try:
+                self.memory.wait(self.device_id, sent)
+            except GuestMemoryError as e:
+                if error is None:
+                    error = GuestMemoryError(f"writing {length} bytes at {gpa:#x}: {e}")
+        if error is not None:
+            raise error
+
+    def epoch(self) -> int:
+        return self.memory.epoch()
 
     def check_ram(self, gpa: int, length: int) -> None:
         self.memory.check_ram(gpa, length)
+
+    def _overlaps(self, gpa: int, length: int) -> bool:
+        end = gpa + length
+        return any(at < end and gpa < at + n for at, n, _ in self._posted)
 
 
 class ReadAhead:
@@ -396,6 +502,10 @@ class ReadAhead:
     serve loop is held up is not read from until it catches up, as before. A
     worker whose reply is then stuck behind the flood times out (its device
     latches NEEDS_RESET) rather than the server growing without bound.
+
+    It also moves the session's MessageGuestMemory epoch for every request it
+    passes on (a kick may be among them): `messages`, or else the owner of
+    `consume` when that is MessageGuestMemory.resolve, as the shell passes it.
     """
 
     def __init__(
@@ -405,9 +515,16 @@ class ReadAhead:
         on_end: Callable[[str], None],
         counters: ServerCounters,
         limit: int = READ_AHEAD_BYTES,
+        messages: MessageGuestMemory | None = None,
     ) -> None:
         self._read = read
         self._consume = consume
+        if messages is None:
+            owner = getattr(consume, "__self__", None)
+            messages = owner if isinstance(owner, MessageGuestMemory) else None
+        self._messages = messages
+        if messages is not None:
+            messages.wire_epoch()
         self._on_end = on_end
         self._counters = counters
         self.limit = limit
@@ -434,6 +551,10 @@ class ReadAhead:
                 self._counters.requests += len(message.requests) - len(rest)
                 if not rest:
                     continue  # only replies: nothing for the serve loop
+                if self._messages is not None:
+                    # Before the serve loop can see them: a queue's "empty"
+                    # verdict must not outlive a kick (SplitQueue._empty_seen).
+                    self._messages.saw_requests()
                 cost = sum(r.ByteSize() + _REQUEST_COST for r in rest)
                 while self.queued and self.queued + cost > self.limit:
                     self._room.clear()

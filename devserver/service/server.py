@@ -155,13 +155,24 @@ class DevServer:
         self._metrics_server: WSGIServer | None = None
         self.address = ""
         self.server: grpc.aio.Server | None = None
+        self._bound = False  # listen.unix_path is a socket this server made
         self.health = health.aio.HealthServicer()
 
     async def start(self) -> str:
         """Bind and start; return the address clients should use.
 
         The grpc.aio server is made here, inside the running loop it belongs to.
+        If starting fails, what the server already holds is let go before the
+        error propagates: console sockets and pty links, disk images, and the
+        socket file if this server bound it (a path it refused is left alone).
         """
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> str:
         self.server = grpc.aio.server(options=server_options())
         devmodel_pb2_grpc.add_DeviceModelServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -192,6 +203,7 @@ class DevServer:
             raise ConfigError(
                 f"cannot listen on {self.listen.target}: {e} (address in use?)"
             ) from None
+        self._bound = self.listen.unix_path is not None  # the socket file is ours now
         if self.listen.unix_path is None:
             if port == 0:
                 raise ConfigError(f"cannot listen on {self.listen.target} (address in use?)")
@@ -234,7 +246,8 @@ class DevServer:
         await self.server.stop(grace)
         self.server = None
         await self.servicer.aclose()  # after the streams ended: no device uses a backend
-        if self.listen.unix_path is not None:
+        if self.listen.unix_path is not None and self._bound:
+            self._bound = False
             self.listen.unix_path.unlink(missing_ok=True)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from ..errors import DevserverError, GuestMemoryError
 from ..memory import MAX_ACCESS, GuestMemory
@@ -54,6 +54,32 @@ class RingMemory(GuestMemory, Protocol):
     def check_ram(self, gpa: int, length: int) -> None: ...
 
 
+@runtime_checkable
+class BatchedRingMemory(RingMemory, Protocol):
+    """A RingMemory whose every access is a round trip to another process (DMA
+    by message, devserver.service.dma_messages). Optional: SplitQueue checks
+    for it once and otherwise behaves exactly as before (SHARED is unaffected).
+
+    With it the queue reads the descriptor table and the available ring whole,
+    in one access, right after an avail.idx read (what that idx covers is
+    stable until used, §2.7.13.1), and `write` may return before the write is
+    done: writes are posted, and the queue puts a `fence` wherever the spec
+    orders a write before a later access (the used element before used.idx,
+    used.idx before reading used_event, avail_event before re-reading
+    avail.idx). A read still sees every earlier write to the bytes it covers.
+    """
+
+    def fence(self) -> None:
+        """Return once every write made so far is done; GuestMemoryError (the
+        first failure's) if one failed."""
+
+    def epoch(self) -> int:
+        """A number that changes whenever a driver notification may have arrived
+        since it was last read (every request the frontend sends moves it): a
+        ring found empty at epoch E, after avail_event was published, stays
+        empty for the device until the epoch moves (the driver must kick)."""
+
+
 class ChainError(DevserverError):
     """The guest broke a split-ring rule; the device must be reset (DEVICE_NEEDS_RESET)."""
 
@@ -70,31 +96,45 @@ class DescriptorChain:
 
 
 def read_chain(
-    memory: RingMemory, desc_table: int, queue_size: int, head: int, *, indirect: bool
+    memory: RingMemory,
+    desc_table: int,
+    queue_size: int,
+    head: int,
+    *,
+    indirect: bool,
+    table: bytes | None = None,
 ) -> DescriptorChain:
-    """Walk the chain starting at `head`; ChainError if it breaks a rule."""
+    """Walk the chain starting at `head`; ChainError if it breaks a rule.
+
+    `table`, if given, is a copy of the whole descriptor table read after the
+    avail.idx that made this chain available (the queue's BatchedRingMemory
+    path): its descriptors come from there instead of one read each."""
     if not 0 <= head < queue_size:
         raise ChainError(f"head {head} is outside the {queue_size}-entry descriptor table")
+    if table is not None and len(table) != DESC_SIZE * queue_size:
+        table = None  # not a whole table: read descriptor by descriptor
     readable: list[Segment] = []
     writable: list[Segment] = []
     readable_len = writable_len = 0
-    table: bytes | None = None  # the copied indirect table once we are in one
+    indirect_table: bytes | None = None  # the copied indirect table once we are in one
     limit = queue_size  # entries in the table being walked
     ttl = queue_size
     index = head
     while True:
         if ttl == 0:
-            where = "indirect table" if table is not None else "queue"
+            where = "indirect table" if indirect_table is not None else "queue"
             raise ChainError(f"chain from head {head} is longer than its {where} (a loop?)")
         ttl -= 1
-        if table is None:
+        if indirect_table is not None:
+            addr, length, flags, nxt = DESC.unpack_from(indirect_table, DESC_SIZE * index)
+        elif table is not None:  # index < queue_size: checked above or by `next`
+            addr, length, flags, nxt = DESC.unpack_from(table, DESC_SIZE * index)
+        else:
             raw = _read(memory, desc_table + DESC_SIZE * index, DESC_SIZE, "descriptor")
             addr, length, flags, nxt = DESC.unpack(raw)
-        else:
-            addr, length, flags, nxt = DESC.unpack_from(table, DESC_SIZE * index)
 
         if flags & _INDIRECT:
-            if table is not None:
+            if indirect_table is not None:
                 raise ChainError("indirect descriptor inside an indirect table (§2.7.5.3.1)")
             if not indirect:
                 raise ChainError("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
@@ -106,7 +146,7 @@ def read_chain(
             if entries > queue_size:
                 raise ChainError(f"indirect table of {entries} entries > queue size {queue_size}")
             # Copied once (at most 16 * 32768 = 512 KiB, under MAX_ACCESS).
-            table = _read(memory, addr, length, "indirect table")
+            indirect_table = _read(memory, addr, length, "indirect table")
             limit = ttl = entries
             index = 0
             continue  # the device ignores WRITE on the table's own descriptor

@@ -48,6 +48,7 @@ class VirtioDevice:
     """Base of every virtio device model; override what the device needs."""
 
     device_type: ClassVar[int] = 0
+    type_name: ClassVar[str] = "virtio-pci"  # its --device type, in topology and logs
     pci_class_code: ClassVar[int] = 0xFF0000  # "device does not fit any class"
 
     def __init__(self, queue_max_sizes: tuple[int, ...], features: int = 0) -> None:

@@ -186,6 +186,7 @@ class VirtioPciFunction(PciFunction):
             raise ConfigError("a virtio device needs 1..65535 queues")
         # State add_capabilities needs exists before the base class builds config space.
         self.device = device
+        self.type_name = device.type_name
         self.caps: dict[VirtioPciCapType, VirtioCap] = {}
         self.memory = memory
         self.status = VirtioStatus(device.avail_features)
@@ -356,6 +357,33 @@ class VirtioPciFunction(PciFunction):
                 self._notify_write(at)
             case _:
                 pass  # ISR is read-only
+
+    # -- where the shell may serve an access
+
+    def access_may_block(self, bar: int, offset: int, write: bool) -> bool:
+        """Whether a BAR access can run the device rather than only the
+        transport, so a shell must not serve it on its event loop: a notify
+        write (queue work: backend I/O, guest memory, which in DMA-messages
+        mode waits for the frontend) and a device_status write (the device's
+        activate and reset hooks). Reads, the rest of common configuration,
+        ISR, device configuration (VirtioDevice.write_config only keeps fields)
+        and the MSI-X table and PBA (BAR1) move transport state only. Decided
+        from the layout alone; an access the function would refuse or ignore
+        may answer either way."""
+        if not write or bar != VIRTIO_BAR:
+            return False
+        if offset // REGION_SIZE == NOTIFY_CFG_OFFSET // REGION_SIZE:
+            return True
+        return offset == COMMON_CFG_OFFSET + DEVICE_STATUS  # only a 1-byte write lands
+
+    def config_access_may_block(self, offset: int, size: int, write: bool) -> bool:
+        """The same for a config-space access: only a write of the PCI_CFG
+        window's data reaches a BAR (§4.1.4.9), and blocks where that BAR
+        access would."""
+        if not write or not self._pci_cfg_data(offset, size):
+            return False
+        window = self._pci_cfg_window()
+        return window is not None and self.access_may_block(window[0], window[1], write=True)
 
     # -- common configuration
 

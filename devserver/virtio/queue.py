@@ -19,6 +19,15 @@ DEVICE_NEEDS_RESET latch) hears why, once. Nothing raises out of here
 
 Indices: avail.idx and used.idx are free-running u16 (Python ints do not wrap,
 hence the explicit `& 0xffff`); ring slots are `idx & (size - 1)`.
+
+Reads: avail.idx is read again only once the chains its last value covered
+are popped (vhost's shadow avail_idx: what the driver made available stays
+available until used), and their ring entries are read together, in one read
+(two where they wrap). On a `BatchedRingMemory` (DMA by message: every access
+a round trip) the queue also reads the descriptor table with the ring in one
+access (`_read_heads`), puts fences where the spec orders a write before a
+later access, and reuses an "empty" verdict until the frontend says anything
+(`_empty_seen`); on any other memory nothing else changes.
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import ConfigError, GuestMemoryError
-from .chain import ChainError, DescriptorChain, RingMemory, read_chain
+from .chain import BatchedRingMemory, ChainError, DescriptorChain, RingMemory, read_chain
 from .ring import (
+    RING_HEADER,
+    RING_HEADER_SIZE,
     U16,
     USED_ELEM,
     avail_entry_offset,
@@ -51,6 +62,12 @@ from .spec import (
 _U16: Final = 0xFFFF
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = (1 << 64) - 1
+# BatchedRingMemory: descriptor tables up to this size are read whole (4096
+# entries; Linux's virtio-blk uses 256); larger ones descriptor by descriptor.
+MAX_TABLE_SNAPSHOT: Final = 64 * 1024
+# ... in the same access as the available ring when at most this many bytes lie
+# between them (Linux allocates the ring right after the table).
+MAX_SNAPSHOT_GAP: Final = 4096
 
 
 class QueueArea(enum.Enum):
@@ -128,10 +145,17 @@ class SplitQueue:
     """A running split virtqueue over guest memory (the device's side)."""
 
     __slots__ = (
+        "_avail_event",
+        "_batched",
+        "_empty_epoch",
+        "_heads",
         "_in_flight",
+        "_known",
         "_memory",
+        "_no_notify",
         "_on_error",
         "_signalled_used",
+        "_table",
         "desc",
         "device",
         "driver",
@@ -168,6 +192,13 @@ class SplitQueue:
         self._signalled_used = 0
         self._in_flight: set[int] = set()
         self.error: str | None = None
+        self._batched = memory if isinstance(memory, BatchedRingMemory) else None
+        self._known = 0  # chains past next_avail that the last avail.idx read showed
+        self._heads: list[int] = []  # ring entries read for them, last first
+        self._table: bytes | None = None  # the descriptor table read with them (batched)
+        self._avail_event: int | None = None  # what we last wrote there
+        self._no_notify = False  # used.flags has VIRTQ_USED_F_NO_NOTIFY (set_notification)
+        self._empty_epoch: int | None = None  # see _empty_seen
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -218,44 +249,143 @@ class SplitQueue:
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not popped
-        (0 when broken); breaks the queue if avail.idx is impossible."""
+        (0 when broken); breaks the queue if avail.idx is impossible. While
+        chains from the last avail.idx read remain, that count, without a read."""
         if self.error is not None:
             return 0
+        if self._known:
+            return self._known
+        if self._empty_seen():
+            return 0
+        batched = self._batched
+        epoch = batched.epoch() if batched is not None else None
         try:
+            if batched is not None:
+                self._fence()  # what we published is visible before we look (§2.7.10)
             avail_idx = self._u16(self.driver + 2)
         except GuestMemoryError as e:
             self.fail(f"reading avail.idx: {e}")
             return 0
+        return self._saw_avail_idx(avail_idx, epoch)
+
+    def _saw_avail_idx(self, avail_idx: int, epoch: int | None) -> int:
+        """Take a fresh avail.idx (read after every write we made); call with no
+        chains known (`_known` 0)."""
         pending = (avail_idx - self.next_avail) & _U16
         if pending > self.size:
             # C5 (Firecracker's check): more than a queue's worth, or idx went back.
             self.fail(f"avail.idx {avail_idx} is {pending} ahead of {self.next_avail}")
             return 0
+        self._known = pending
+        self._heads = []
+        self._table = None
+        if pending == 0 and epoch is not None and self._kick_armed():
+            self._empty_epoch = epoch
         return pending
+
+    def _kick_armed(self) -> bool:
+        """Whether the driver must kick when it makes entry next_avail available:
+        avail_event says so (EVENT_IDX), or used.flags does not suppress kicks."""
+        if self.event_idx:
+            return self._avail_event == self.next_avail
+        return not self._no_notify
+
+    def _empty_seen(self) -> bool:
+        """BatchedRingMemory only: the ring was found empty by a read made after
+        the driver was asked to kick for the next entry, and nothing has come
+        from the frontend since (the memory's epoch). A chain made available
+        after that read comes with a kick, which moves the epoch and is served
+        as a step of its own; so the ring is empty for us without another
+        round trip."""
+        epoch = self._empty_epoch
+        if epoch is None or self._batched is None:
+            return False
+        if self._batched.epoch() == epoch and self._kick_armed():
+            return True
+        self._empty_epoch = None
+        return False
+
+    def _fence(self) -> None:
+        """BatchedRingMemory: wait for the writes posted so far (GuestMemoryError
+        if one failed)."""
+        if self._batched is not None:
+            self._batched.fence()
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None (ring empty, or queue broken)."""
-        if not self.available():
-            self._publish_avail_event()
+        # Empty: ask the driver to kick for the next entry, then look once more if
+        # that changed anything (§2.7.10): a chain made available in between
+        # would otherwise wait for a kick that never comes.
+        if not self.available() and not (self._publish_avail_event() and self.available()):
             return None
         try:
-            head = self._u16(self.driver + avail_entry_offset(self.next_avail & (self.size - 1)))
+            if not self._heads:
+                self._read_heads()
+            head = self._heads.pop()
             if head in self._in_flight:
                 raise ChainError(f"head {head} is made available again while in flight")
-            chain = read_chain(self._memory, self.desc, self.size, head, indirect=self.indirect)
+            chain = read_chain(
+                self._memory, self.desc, self.size, head, indirect=self.indirect, table=self._table
+            )
         except (ChainError, GuestMemoryError) as e:
             self.fail(str(e))
             return None
+        self._known -= 1
+        if not self._known:
+            self._table = None  # valid for the chains that idx covered only
         self.next_avail = (self.next_avail + 1) & _U16
         self._in_flight.add(head)
-        self._publish_avail_event()
+        if self._batched is None or not self._known:
+            # Batched: not while chains we know of remain (a write each, and the
+            # driver need not kick for entries we will pop anyway); the pop that
+            # finds the ring empty publishes and looks again.
+            self._publish_avail_event()
         return chain
+
+    def _read_heads(self) -> None:
+        """The ring entries of the `_known` chains past next_avail, read after
+        the avail.idx that covers them (ring.py on ordering)."""
+        count = self._known
+        first = self.next_avail & (self.size - 1)
+        ring_at = self.driver + avail_entry_offset(0)
+        table_len = desc_table_size(self.size)
+        if self._batched is not None and table_len <= MAX_TABLE_SNAPSHOT:
+            table, ring = self._read_snapshot(ring_at, table_len, 2 * self.size)
+            self._table = table
+            raw = (ring[2 * first :] + ring[: 2 * first])[: 2 * count]
+        else:
+            n = min(count, self.size - first)
+            raw = _read_exact(self._memory, ring_at + 2 * first, 2 * n, "available ring")
+            if count > n:  # the entries wrap to the ring's start
+                raw += _read_exact(self._memory, ring_at, 2 * (count - n), "available ring")
+        heads = [int(head) for (head,) in U16.iter_unpack(raw)]
+        heads.reverse()
+        self._heads = heads
+
+    def _read_snapshot(self, ring_at: int, table_len: int, ring_len: int) -> tuple[bytes, bytes]:
+        """The descriptor table and the available ring's entries, in one access
+        when they lie close together, else two."""
+        lo = min(self.desc, ring_at)
+        hi = max(self.desc + table_len, ring_at + ring_len)
+        if hi - lo <= table_len + ring_len + MAX_SNAPSHOT_GAP:
+            try:
+                self._memory.check_ram(lo, hi - lo)
+                raw = _read_exact(self._memory, lo, hi - lo, "descriptor table and ring")
+            except (ChainError, GuestMemoryError):
+                pass  # a gap that is not RAM: read the two apart
+            else:
+                table = raw[self.desc - lo : self.desc - lo + table_len]
+                return table, raw[ring_at - lo : ring_at - lo + ring_len]
+        table = _read_exact(self._memory, self.desc, table_len, "descriptor table")
+        return table, _read_exact(self._memory, ring_at, ring_len, "available ring")
 
     def add_used(self, head: int, length: int) -> bool:
         """Return `head` to the driver with `length` bytes written (clamped to u32).
 
-        The element is written before used.idx (ring.py on ordering). False,
-        and nothing written, if the queue is broken or `head` is not in flight.
+        The element is written before used.idx (ring.py on ordering; on a
+        BatchedRingMemory, with everything the device wrote before it, and
+        used.idx is done when this returns). False, and nothing written, if the
+        queue is broken or `head` is not in flight.
         """
         if self.error is not None or head not in self._in_flight:
             return False
@@ -264,7 +394,9 @@ class SplitQueue:
         try:
             elem = USED_ELEM.pack(head, max(0, min(length, _U32)))
             self._memory.write(self.device + used_entry_offset(slot), elem)
+            self._fence()
             self._put_u16(self.device + 2, new_used)
+            self._fence()
         except GuestMemoryError as e:
             self.fail(f"writing the used ring: {e}")
             return False
@@ -287,12 +419,27 @@ class SplitQueue:
         if old == new:
             return False
         try:
+            if self._batched is not None and not self._known:
+                # One access for the flags or used_event and a fresh avail.idx (read
+                # after used.idx and avail_event are done: add_used fenced), which
+                # the next pop would otherwise read on its own.
+                epoch = self._batched.epoch()
+                self._fence()
+                length = avail_ring_size(self.size) if self.event_idx else RING_HEADER_SIZE
+                area = _read_exact(self._memory, self.driver, length, "available ring")
+                flags, avail_idx = RING_HEADER.unpack_from(area)
+                if not self._saw_avail_idx(avail_idx, epoch) and self.error is not None:
+                    return False
+                if self.event_idx:
+                    used_event = int(U16.unpack_from(area, used_event_offset(self.size))[0])
+                    return ((new - used_event - 1) & _U16) < ((new - old) & _U16)
+                return not int(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT
             if self.event_idx:
                 used_event = self._u16(self.driver + used_event_offset(self.size))
                 # vring_need_event(): did new pass used_event since old?
                 return ((new - used_event - 1) & _U16) < ((new - old) & _U16)
             return not self._u16(self.driver) & VIRTQ_AVAIL_F_NO_INTERRUPT
-        except GuestMemoryError as e:
+        except (ChainError, GuestMemoryError) as e:
             self.fail(f"reading the available ring: {e}")
             return False
 
@@ -301,16 +448,30 @@ class SplitQueue:
         the avail_event field does this and is kept up to date by pop."""
         if self.error is not None or self.event_idx:
             return
+        self._no_notify = not enable
+        self._empty_epoch = None  # an empty ring seen before this says nothing now
         try:
             self._put_u16(self.device, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
         except GuestMemoryError as e:
             self.fail(f"writing used.flags: {e}")
 
-    def _publish_avail_event(self) -> None:
-        # EVENT_IDX: "kick me when you make entry next_avail available".
-        if self.error is not None or not self.event_idx:
-            return
+    def _publish_avail_event(self) -> bool:
+        """EVENT_IDX: "kick me when you make entry next_avail available". True if
+        it wrote (a value equal to the last one written is not written again)."""
+        if self.error is not None or not self.event_idx or self._avail_event == self.next_avail:
+            return False
+        self._avail_event = self.next_avail
         try:
             self._put_u16(self.device + avail_event_offset(self.size), self.next_avail)
         except GuestMemoryError as e:
             self.fail(f"writing avail_event: {e}")
+            return False
+        return True
+
+
+def _read_exact(memory: RingMemory, gpa: int, length: int, what: str) -> bytes:
+    """`length` bytes at `gpa`; ChainError if the memory returns anything else."""
+    data = memory.read(gpa, length)
+    if len(data) != length:  # a GuestMemory must not do this; refuse rather than guess
+        raise ChainError(f"{what}: read {len(data)} of {length} bytes")
+    return data

@@ -14,6 +14,7 @@ import pytest_asyncio
 from devmodel.v1 import devmodel_pb2 as pb
 from devserver.errors import GuestMemoryError
 from devserver.memory import MAX_ACCESS, MemoryRegion
+from devserver.service import dma_messages
 from devserver.service.dma_messages import DmaChannel, MessageGuestMemory, ReadAhead
 from devserver.service.stats import ServerCounters
 
@@ -235,3 +236,148 @@ def test_channel_ids_are_unique_across_threads() -> None:
     for t in threads:
         t.join()
     assert sorted(ids) == list(range(1, 4001))
+
+
+# ---------------------------------------------------------------- posted writes (DeviceDma)
+
+
+def _answer(
+    memory: MessageGuestMemory, wire: Wire, request: pb.DmaRequest, ok: bool = True
+) -> None:
+    """Answer one request the wire held back (Wire(answer=False))."""
+    if not ok:
+        reply = pb.DmaReply(request_id=request.request_id, ok=False, error="no RAM there")
+    elif request.write:
+        wire.ram[request.address : request.address + request.length] = request.data
+        reply = pb.DmaReply(request_id=request.request_id, ok=True)
+    else:
+        data = bytes(wire.ram[request.address : request.address + request.length])
+        reply = pb.DmaReply(request_id=request.request_id, ok=True, data=data)
+    assert memory.resolve(reply)
+
+
+async def _sent(wire: Wire, count: int) -> None:
+    for _ in range(1000):
+        if len(wire.sent) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{len(wire.sent)} of {count} requests went out")
+
+
+async def test_writes_are_posted_and_a_fence_waits_for_them(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False)
+    view = memory.for_device(DEVICE)
+    await asyncio.to_thread(view.write, 0x100, b"aa")  # returns unanswered
+    await asyncio.to_thread(view.write, 0x200, b"bb")
+    await _sent(wire, 2)
+    fence = asyncio.ensure_future(asyncio.to_thread(view.fence))
+    # A read of other bytes goes out while the writes are still owed.
+    read = asyncio.ensure_future(asyncio.to_thread(view.read, 0x300, 2))
+    await _sent(wire, 3)
+    assert not fence.done()
+    _answer(memory, wire, wire.sent[2])
+    assert await read == b"\0\0"
+    for request in wire.sent[:2]:
+        _answer(memory, wire, request)
+    await asyncio.wait_for(fence, 10)
+    assert wire.ram[0x100:0x102] == b"aa" and wire.ram[0x200:0x202] == b"bb"
+
+
+async def test_the_same_bytes_stay_in_program_order(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False)
+    view = memory.for_device(DEVICE)
+    await asyncio.to_thread(view.write, 0x100, b"old!")
+    # A read and a write touching those bytes wait for the posted write first.
+    read = asyncio.ensure_future(asyncio.to_thread(view.read, 0x102, 4))
+    await asyncio.sleep(0.05)
+    assert len(wire.sent) == 1
+    _answer(memory, wire, wire.sent[0])
+    await _sent(wire, 2)
+    _answer(memory, wire, wire.sent[1])
+    assert await read == b"d!\0\0"
+    await asyncio.to_thread(view.write, 0x100, b"new!")
+    write = asyncio.ensure_future(asyncio.to_thread(view.write, 0x103, b"?"))
+    await asyncio.sleep(0.05)
+    assert len(wire.sent) == 3 and not write.done()
+    _answer(memory, wire, wire.sent[2])
+    await asyncio.wait_for(write, 10)
+    _answer(memory, wire, wire.sent[3])
+    await asyncio.to_thread(view.fence)
+    assert wire.ram[0x100:0x104] == b"new?"
+
+
+async def test_a_failed_posted_write_surfaces_at_the_fence(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False)
+    view = memory.for_device(DEVICE)
+    await asyncio.to_thread(view.write, 0x100, b"a")
+    await asyncio.to_thread(view.write, 0x200, b"b")
+    await _sent(wire, 2)
+    _answer(memory, wire, wire.sent[0], ok=False)
+    _answer(memory, wire, wire.sent[1])
+    with pytest.raises(GuestMemoryError, match=r"writing 1 bytes at 0x100: no RAM there"):
+        await asyncio.to_thread(view.fence)
+    assert wire.ram[0x200] == ord("b")  # the other write was waited for too
+    await asyncio.to_thread(view.fence)  # reported once
+
+
+async def test_posted_writes_are_bounded(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False)
+    view = memory.for_device(DEVICE)
+
+    def post(count: int) -> None:
+        for i in range(count):
+            view.write(0x10 * i, b"x")
+
+    await asyncio.to_thread(post, dma_messages.MAX_POSTED)
+    more = asyncio.ensure_future(asyncio.to_thread(post, 1))
+    await asyncio.sleep(0.05)
+    assert not more.done() and len(wire.sent) == dma_messages.MAX_POSTED
+    for request in list(wire.sent):
+        _answer(memory, wire, request)
+    await asyncio.wait_for(more, 10)
+
+
+async def test_bad_writes_are_refused_at_once_not_at_the_fence(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False)
+    memory.set_map([MemoryRegion(0, 0x1_0000)])
+    view = memory.for_device(DEVICE)
+    with pytest.raises(GuestMemoryError, match="outside guest RAM"):
+        await asyncio.to_thread(view.write, 0xFFFF, b"ab")
+    with pytest.raises(GuestMemoryError, match="event loop"):
+        view.write(0, b"a")
+    assert wire.sent == []
+
+
+# ---------------------------------------------------------------- the epoch
+
+
+async def test_the_epoch_moves_only_when_it_is_wired_and_requests_arrive(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, _ = make()
+    view = memory.for_device(DEVICE)
+    assert view.epoch() != view.epoch()  # nobody reports arrivals: never the same twice
+    incoming: asyncio.Queue[object] = asyncio.Queue()
+    reader = ReadAhead(incoming.get, memory.resolve, lambda _: None, ServerCounters())
+    try:
+        before = view.epoch()
+        assert view.epoch() == before
+        reply = pb.Request(dma_reply=pb.DmaReply(request_id=1 << 30, ok=True))
+        incoming.put_nowait(pb.FrontendMessage(requests=[reply]))
+        await asyncio.sleep(0.02)
+        assert view.epoch() == before  # a reply a worker takes is not news
+        incoming.put_nowait(pb.FrontendMessage(requests=[_write(1)]))
+        assert await reader.next() == [_write(1)]
+        assert view.epoch() != before  # a kick may be among them
+    finally:
+        await reader.aclose()
