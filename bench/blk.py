@@ -309,7 +309,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Command: `{command}`\n\n{note}\n\n{table}\n\n"
         + "".join(f"- {r}\n" for r in ratios)
         + f"\nImage: {args.size_mib} MiB raw file of random data on the host's ext4; "
-        "built-in drive: `" + " ".join(builtin_args(Path("IMG"))) + "`.\n"
+        "built-in drive: `" + " ".join(builtin_args(Path("IMG"))) + "`. "
+        "Not like for like on the host side: the device server reads and writes the "
+        "image through the host's page cache (buffered pread/pwrite, like QEMU's "
+        "cache=writeback), the built-in drive bypasses it (cache=none, O_DIRECT), so "
+        "the served device's large reads can beat the built-in's.\n"
         f"The fio jobs in the guest (one boot per column and run):\n\n{fio}\n"
     )
     print(text)
