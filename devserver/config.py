@@ -64,6 +64,13 @@ class BlockOptions:
     serial: str
     discard: bool = True  # offer DISCARD and unmapping WRITE_ZEROES (QEMU's discard=)
     num_queues: int = 1  # request queues (VIRTIO_BLK_F_MQ when more than one)
+    # QEMU's cache=: writeback (host page cache), none (O_DIRECT), directsync
+    # (O_DIRECT|O_DSYNC, every write durable: the guest is offered no FLUSH).
+    cache: str = "writeback"
+
+
+# virtio-blk cache= modes (QEMU's names and meanings; file_block.py opens them).
+CACHE_MODES = ("writeback", "none", "directsync")
 
 
 def block_options(options: Mapping[str, str]) -> BlockOptions:
@@ -86,7 +93,10 @@ def block_options(options: Mapping[str, str]) -> BlockOptions:
         raise ConfigError(f"virtio-blk num-queues={raw!r} is not a number") from None
     if not 1 <= num_queues <= BLK_MAX_QUEUES:
         raise ConfigError(f"virtio-blk num-queues={num_queues} is not 1..{BLK_MAX_QUEUES}")
-    return BlockOptions(path, readonly == "on", serial, discard == "on", num_queues)
+    cache = options.get("cache", "writeback")
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"virtio-blk cache={cache!r}: use one of {', '.join(CACHE_MODES)}")
+    return BlockOptions(path, readonly == "on", serial, discard == "on", num_queues, cache)
 
 
 def _build_blk(
@@ -104,6 +114,7 @@ def _build_blk(
         serial=checked.serial,
         discard=checked.discard,
         num_queues=checked.num_queues,
+        write_cache=checked.cache != "directsync",
     )
     return VirtioPciFunction(device, presentation=presentation, serial=serial)
 
@@ -264,8 +275,9 @@ DEVICE_TYPES: dict[str, DeviceType] = {
         DeviceType(
             "virtio-blk",
             "virtio block device over a raw image file: path=IMAGE[,readonly=on][,serial=ID]"
-            f"[,discard=on|off][,num-queues=1..{BLK_MAX_QUEUES}]",
-            frozenset({"path", "readonly", "serial", "discard", "num-queues"}),
+            f"[,discard=on|off][,num-queues=1..{BLK_MAX_QUEUES}]"
+            "[,cache=writeback|none|directsync]",
+            frozenset({"path", "readonly", "serial", "discard", "num-queues", "cache"}),
             _build_blk,
         ),
         DeviceType(

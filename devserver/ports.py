@@ -24,6 +24,13 @@ class BlockBackend(Protocol):
     @property
     def read_only(self) -> bool: ...
 
+    @property
+    def block_size(self) -> int:
+        """The alignment (bytes, a power of two, 512..4096, dividing `size`) of
+        offsets and lengths that go straight to the image: 512 for buffered
+        I/O, the O_DIRECT block with cache=none. Other sector-aligned requests
+        still work (read-modify-write); the device offers it as blk_size."""
+
     def read(self, offset: int, length: int) -> bytes: ...
 
     def write(self, offset: int, data: bytes) -> None: ...

@@ -20,6 +20,14 @@ DISCARD always, WRITE_ZEROES when the driver sets the UNMAP flag, which
 `write_zeroes_may_unmap` invites. `discard=False` (QEMU's discard=off) offers
 neither DISCARD nor unmapping; WRITE_ZEROES then zeroes and keeps the blocks.
 
+The host cache mode (QEMU's cache=) is the backend's; two things of it show
+here. blk_size is the backend's `block_size`, the alignment its O_DIRECT needs
+(512 buffered), so a guest's requests go straight through; topology is counted
+in those blocks. `write_cache=False` (cache=directsync, every write durable on
+completion) offers no VIRTIO_BLK_F_FLUSH, which tells the driver the disk is
+write-through (§5.2.5: without FLUSH or CONFIG_WCE), so it sends no flushes; a
+FLUSH it sends anyway is still done.
+
 The disk is a `BlockBackend` (ports.py), called synchronously here; the service
 runs this device's work off the event loop, one call at a time per device
 (every queue of it included).
@@ -54,12 +62,12 @@ DISCARD_SECTOR_ALIGNMENT: Final = 8
 MAX_WRITE_ZEROES_SECTORS: Final = 1 << 22
 MAX_WRITE_ZEROES_SEG: Final = 32
 # Topology (VIRTIO_BLK_F_TOPOLOGY), in logical blocks: 4 KiB physical blocks
-# (2^3 sectors), the host filesystem's and page cache's unit, so a guest
+# (2^3 512-byte blocks), the host filesystem's and page cache's unit, so a guest
 # filesystem picks 4 KiB blocks and aligns to them; optimal I/O is what the
 # device moves per step (CHUNK, 1 MiB).
-PHYSICAL_BLOCK_EXP: Final = 3
-MIN_IO_SECTORS: Final = 8
-OPT_IO_SECTORS: Final = (1 << 20) >> 9
+PHYSICAL_BLOCK_BYTES: Final = 4096
+# blk_size values offered: a sector, or the backend's larger O_DIRECT block.
+BLOCK_SIZES: Final = (512, 1024, 2048, 4096)
 # Queues with num_queues (VIRTIO_BLK_F_MQ): each costs a queue and an MSI-X
 # vector; more than a guest has vCPUs buys nothing.
 MAX_QUEUES: Final = 16
@@ -182,6 +190,7 @@ class VirtioBlk(VirtioDevice):
         serial: str = "",
         discard: bool = True,
         num_queues: int = 1,
+        write_cache: bool = True,
     ) -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ConfigError(f"virtio-blk num-queues={num_queues} is not 1..{MAX_QUEUES}")
@@ -190,13 +199,19 @@ class VirtioBlk(VirtioDevice):
         encoded = serial.encode()
         if len(encoded) > ID_BYTES:
             raise ConfigError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
+        block = backend.block_size
+        if block not in BLOCK_SIZES or backend.size % block:
+            raise ConfigError(
+                f"a disk image of {backend.size} bytes cannot have {block}-byte blocks"
+            )
         features = (
             feature_bit(VIRTIO_BLK_F_SEG_MAX)
             | feature_bit(VIRTIO_BLK_F_BLK_SIZE)
             | feature_bit(VIRTIO_BLK_F_TOPOLOGY)
-            | feature_bit(VIRTIO_BLK_F_FLUSH)
             | feature_bit(VIRTIO_BLK_F_WRITE_ZEROES)
         )
+        if write_cache:
+            features |= feature_bit(VIRTIO_BLK_F_FLUSH)
         if discard:
             features |= feature_bit(VIRTIO_BLK_F_DISCARD)
         if num_queues > 1:
@@ -207,11 +222,16 @@ class VirtioBlk(VirtioDevice):
         self.backend = backend
         self.discard = discard
         self.num_queues = num_queues
+        self.write_cache = write_cache
+        self.block_size = block
         self.serial = encoded.ljust(ID_BYTES, b"\0")
         self.capacity = backend.size >> SECTOR_SHIFT
         self.errors = 0  # requests answered with a status other than OK
 
     def config_bytes(self) -> bytes:
+        # Topology is in logical blocks (blk_size): 4 KiB physical blocks, or
+        # the logical block when larger; optimal I/O one CHUNK.
+        physical = max(PHYSICAL_BLOCK_BYTES, self.block_size)
         return CONFIG.pack(
             self.capacity,
             0,  # size_max: not offered
@@ -219,11 +239,11 @@ class VirtioBlk(VirtioDevice):
             0,
             0,
             0,  # geometry: not offered
-            SECTOR_SIZE,
-            PHYSICAL_BLOCK_EXP,
+            self.block_size,
+            (physical // self.block_size).bit_length() - 1,  # physical_block_exp
             0,  # alignment_offset
-            MIN_IO_SECTORS,
-            OPT_IO_SECTORS,
+            physical // self.block_size,  # min_io_size
+            CHUNK // self.block_size,  # opt_io_size
             0,  # writeback: not offered (CONFIG_WCE)
             0,
             self.num_queues,

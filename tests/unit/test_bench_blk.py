@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
-from bench.blk import COLUMNS, JOBS, NA_MARK, Figure, guest_script, parse_output, render
+import pytest
+
+from bench import blk
+from bench.blk import (
+    COLUMNS,
+    JOBS,
+    NA_MARK,
+    NOT_RUN,
+    Figure,
+    guest_script,
+    host_fio,
+    host_side_note,
+    parse_output,
+    render,
+)
 
 
 def fio_json(iops: float, bw: float, lat_ns: float, side: str) -> str:
@@ -44,14 +60,70 @@ def test_a_column_without_a_disk_says_why() -> None:
 def test_table_and_ratios() -> None:
     ok = parse_output(output())
     assert isinstance(ok, dict)
-    table, ratios = render({"shared": [ok, ok], "messages": ["refused (x)"], "builtin": [ok]}, 2)
-    assert table.count("\n") == 1 + len(JOBS) * len(COLUMNS)
-    assert "| 4k random read, QD1 | served, DMA messages | n/a: refused (x) | | |" in table
-    assert "| 4k random read, QD1 | served, shared memory | 1,000 (1,000-1,000) |" in table
+    figures: dict[str, list[dict[str, Figure] | str]] = {
+        "none": [ok, ok],
+        "shared": [ok, ok],
+        "messages": ["refused (x)", "refused (x)"],
+        "builtin": [ok, ok],
+        "host": [NOT_RUN, NOT_RUN],  # a column never run is left out
+    }
+    table, ratios = render(figures, 2)
+    assert table.count("\n") == 1 + len(JOBS) * (len(COLUMNS) - 1)
+    assert "host" not in table
+    messages = "| 4k random read, QD1 | served, cache=writeback, DMA messages | n/a: refused (x) |"
+    none = "| 4k random read, QD1 | served, cache=none, shared memory | 1,000 (1,000-1,000) |"
+    assert messages in table
+    assert none in table
+    # The headline ratio first: O_DIRECT (cache=none) against the built-in's O_DIRECT.
     assert ratios == [
-        "served, shared memory / built-in IOPS (medians of 2): "
-        "qd1 1.00x, qd32 1.00x, seqread 1.00x, seqwrite 1.00x"
+        "served, cache=none, shared memory / built-in IOPS (medians of 2): "
+        "qd1 1.00x, qd32 1.00x, seqread 1.00x, seqwrite 1.00x",
+        "served, cache=writeback, shared memory / built-in IOPS (medians of 2): "
+        "qd1 1.00x, qd32 1.00x, seqread 1.00x, seqwrite 1.00x",
     ]
+
+
+def test_a_subset_of_jobs_and_columns() -> None:
+    jobs = [j for j in JOBS if j.name == "qd1"]
+    script = guest_script(2, jobs)
+    assert "--name=qd1" in script and "--name=qd32" not in script
+    ok = parse_output(output(), jobs)
+    assert isinstance(ok, dict) and list(ok) == ["qd1"]
+    table, ratios = render({"none": [ok], "builtin": [NOT_RUN]}, 1, jobs)
+    assert table.count("\n") == 2
+    assert ratios == []  # no built-in figures, no ratio
+
+
+def test_host_note_says_which_comparison_is_like_for_like() -> None:
+    both = host_side_note({"none", "shared", "builtin"})
+    assert "O_DIRECT with O_DIRECT" in both and "not the comparison to quote" in both
+    assert "not the comparison" not in host_side_note({"none", "builtin"})
+
+
+def test_host_column_without_fio_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert host_fio(tmp_path / "disk.img", 1, JOBS) == "no host fio"
+
+
+def test_host_column_runs_fio_on_the_image(tmp_path: Path) -> None:
+    if shutil.which("fio") is None:
+        reason = "no host fio (apt-get install fio): the host column is untested here"
+        print(reason)
+        pytest.skip(reason)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    jobs = [j for j in JOBS if j.name in ("qd1", "seqwrite")]
+    got = host_fio(image, 1, jobs)
+    assert isinstance(got, dict), got
+    assert set(got) == {"qd1", "seqwrite"}
+    assert all(f.iops > 0 for f in got.values())
+
+
+def test_unknown_column_or_job_is_refused() -> None:
+    with pytest.raises(SystemExit, match="--only 'fast'"):
+        blk.main(["--only", "fast"])
+    with pytest.raises(SystemExit, match="--jobs 'qd2'"):
+        blk.main(["--jobs", "qd2"])
 
 
 def test_guest_script_runs_every_job_direct() -> None:

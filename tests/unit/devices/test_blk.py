@@ -20,6 +20,7 @@ from devserver.devices.blk import (
     SEG_MAX,
     SEGMENT,
     VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_TOPOLOGY,
@@ -50,9 +51,10 @@ DISK = 64 * 1024  # 128 sectors
 class FakeDisk:
     """A BlockBackend in a bytearray, with failure injection and a call log."""
 
-    def __init__(self, size: int = DISK, *, read_only: bool = False) -> None:
+    def __init__(self, size: int = DISK, *, read_only: bool = False, block: int = 512) -> None:
         self.data = bytearray(size)
         self._read_only = read_only
+        self._block = block
         self.fail = False
         self.calls: list[tuple[str, int, int]] = []
 
@@ -63,6 +65,10 @@ class FakeDisk:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+    @property
+    def block_size(self) -> int:
+        return self._block
 
     def _check(self) -> None:
         if self.fail:
@@ -98,10 +104,18 @@ class Blk:
     """A started virtio-blk function and helpers to send requests."""
 
     def __init__(
-        self, disk: FakeDisk, serial: str = "disk-1", *, discard: bool = True, num_queues: int = 1
+        self,
+        disk: FakeDisk,
+        serial: str = "disk-1",
+        *,
+        discard: bool = True,
+        num_queues: int = 1,
+        write_cache: bool = True,
     ) -> None:
         self.disk = disk
-        self.dev = VirtioBlk(disk, serial=serial, discard=discard, num_queues=num_queues)
+        self.dev = VirtioBlk(
+            disk, serial=serial, discard=discard, num_queues=num_queues, write_cache=write_cache
+        )
         self.mem = BytearrayMemory(RAM_SIZE)
         self.fn = VirtioPciFunction(self.dev, presentation=Presentation(), memory=self.mem)
         self.fn.device_id = 4
@@ -174,6 +188,43 @@ def test_config_structure_and_features(blk: Blk) -> None:
     assert not blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_RO)
     ro = Blk(FakeDisk(read_only=True))
     assert ro.drv.device_features() & feature_bit(VIRTIO_BLK_F_RO)
+
+
+def config_fields(blk: Blk) -> tuple[int, ...]:
+    raw = bytes(blk.drv.read(DEVICE_CFG_OFFSET + i, 1) for i in range(CONFIG.size))
+    return CONFIG.unpack(raw)
+
+
+def test_blk_size_and_topology_follow_the_backends_direct_block() -> None:
+    # A backend whose O_DIRECT needs 4 KiB (a 4Kn host disk with cache=none):
+    # the guest gets 4 KiB logical blocks, topology counted in them, capacity
+    # still in 512-byte sectors (§5.2.4).
+    blk = Blk(FakeDisk(block=4096))
+    fields = config_fields(blk)
+    assert fields[0] == DISK // 512
+    assert fields[6] == 4096  # blk_size
+    assert fields[7:11] == (0, 0, 1, 256)  # physical = logical, min 4 KiB, opt 1 MiB
+    # A sector-sized request still works (the backend's bounce path takes it).
+    status, _, _, _ = blk.request(VIRTIO_BLK_T_OUT, 1, out=b"q" * 512)
+    assert status == VIRTIO_BLK_S_OK
+    assert blk.disk.data[512:1024] == b"q" * 512
+
+
+@pytest.mark.parametrize(("size", "block"), [(DISK, 3000), (DISK + 512, 4096), (DISK, 8192)])
+def test_a_block_size_the_image_cannot_have_is_refused(size: int, block: int) -> None:
+    with pytest.raises(ConfigError, match="blocks"):
+        VirtioBlk(FakeDisk(size, block=block))
+
+
+def test_write_cache_off_offers_no_flush_but_still_flushes() -> None:
+    # cache=directsync: every write is durable when done, so the guest is told
+    # the disk is write-through (no FLUSH, no CONFIG_WCE) and need not flush.
+    assert Blk(FakeDisk()).drv.device_features() & feature_bit(VIRTIO_BLK_F_FLUSH)
+    blk = Blk(FakeDisk(), write_cache=False)
+    assert not blk.drv.device_features() & feature_bit(VIRTIO_BLK_F_FLUSH)
+    status, _, _, _ = blk.request(VIRTIO_BLK_T_FLUSH)
+    assert status == VIRTIO_BLK_S_OK
+    assert ("flush", 0, 0) in blk.disk.calls
 
 
 def test_write_then_read_back(blk: Blk) -> None:
