@@ -19,7 +19,7 @@ CORE = [
     ROOT / "devserver" / "config.py",
     ROOT / "vmm_client" / "addressing.py",
     ROOT / "vmm_client" / "routing.py",
-    ROOT / "vmm_client" / "vfio_user" / "protocol.py",
+    *sorted((ROOT / "vmm_client" / "vfio_user" / "protocol").glob("*.py")),
 ]
 FORBIDDEN = {
     "asyncio",

@@ -35,7 +35,8 @@ from devserver.devices.testdev import ID_VALUE, MEM_BAR, MSIX_BAR
 from devserver.service.server import DevServer, Listen
 from vmm_client.client import AsyncSession, open_channel
 from vmm_client.vfio_user.bridge import DmaLayout, VfioUserBridge, run_bridge
-from vmm_client.vfio_user.handler import Device, DeviceHandler
+from vmm_client.vfio_user.device import Device
+from vmm_client.vfio_user.handler import DeviceHandler
 from vmm_client.vfio_user.link import MemoryMode
 
 HDR = struct.Struct("<HHIII")
@@ -546,32 +547,6 @@ async def test_second_client_is_refused(rig: Rig) -> None:
         assert await asyncio.to_thread(first.read_int, CONFIG, 0, 2) == 0x1234
     finally:
         first.close()
-
-
-async def test_broken_framing_closes_only_that_connection(rig: Rig) -> None:
-    bad = Client(rig.sockets["pci-testdev0"])
-    good = Client(rig.sockets["second"])
-    try:
-
-        def run() -> None:
-            good.version()
-            bad.version()
-            bad.sock.sendall(HDR.pack(7, READ, 8, 0, 0))  # size smaller than the header
-            reply = bad.receive()
-            assert (reply.msg_id, reply.flags & ERROR, reply.error) == (7, ERROR, errno.EINVAL)
-            assert bad.sock.recv(16) == b""  # then the bridge hangs up
-            assert good.read_int(CONFIG, 0, 2) == 0x1234
-
-        await asyncio.to_thread(run)
-    finally:
-        bad.close()
-        good.close()
-    # The device takes a new client afterwards.
-    again = Client(rig.sockets["pci-testdev0"])
-    try:
-        await asyncio.to_thread(again.version)
-    finally:
-        again.close()
 
 
 async def test_server_gone_reads_all_ones(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:

@@ -23,6 +23,7 @@ from devserver.service.server import DevServer, Listen
 from vmm_client.client import AsyncSession, open_channel
 from vmm_client.vfio_user.bridge import VfioUserBridge, open_bridge
 from vmm_client.vfio_user.protocol import REGION_INFO_FLAG_MMAP
+from vmm_client.vfio_user.shared_bars import open_shared_bars
 
 from .test_vfio_user_bridge import CONFIG, HDR, REGION_INFO, REPLY, Client
 
@@ -155,12 +156,12 @@ async def test_backing_that_cannot_be_opened_is_served_by_messages(tmp_path: Pat
             )
         ],
     )
-    assert VfioUserBridge._open_shared_bars(info) == {}
+    assert open_shared_bars(info) == {}
     small = tmp_path / "small"
     small.write_bytes(bytes(4096))
     info.bars[0].backing.path = str(small)
-    assert VfioUserBridge._open_shared_bars(info) == {}
+    assert open_shared_bars(info) == {}
     small.write_bytes(bytes(VRAM))
-    fds = VfioUserBridge._open_shared_bars(info)
+    fds = open_shared_bars(info)
     assert list(fds) == [0]
     os.close(fds[0])

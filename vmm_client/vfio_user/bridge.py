@@ -21,53 +21,24 @@ What the bridge answers itself (qemu-vfio-user.md §3 lists the wire facts):
   * DEVICE_SET_IRQS: eventfds per (IRQ index, vector), with INTx's level and
     auto-mask semantics, and per-vector mask/pending for the others.
 
-Shared-memory BARs (a vesa-fb's VRAM): when the server is on this host
-(`map_shared_bars`), the bridge opens the file the topology names for the BAR
-(BarInfo.backing, /proc/<server pid>/fd/<n>), offers the region with
-VFIO_REGION_INFO_FLAG_MMAP, and passes the fd with the GET_REGION_INFO reply
-(SCM_RIGHTS). QEMU maps it into the guest's BAR, so pixel stores land in the
-server's memory with no message at all; QEMU's own region accesses still come
-as REGION_READ/WRITE and are forwarded like any BAR's.
+Shared-memory BARs (a vesa-fb's VRAM) are handed to QEMU to map when the
+server is on this host (`map_shared_bars`, shared_bars.py).
 
 What it forwards: region 7 (config space) as ConfigRead/ConfigWrite at the
 device's bus/device/function, regions 0..6 as BarRead/BarWrite, split into
 naturally aligned pieces the server accepts; posted REGION_WRITEs (NO_REPLY)
 become posted BarWrites; DEVICE_RESET becomes ResetDevice.
 
-MSI-X: QEMU emulates the MSI-X table itself and never forwards table
-accesses (qemu-vfio-user-msix.md, Q1), while the device server only raises
-MsiRaised for vectors unmasked in *its* table. So when QEMU hands us an
-eventfd for vector v (it does so when the guest unmasks v), the bridge
-unmasks v in the server's table with a posted BarWrite, and masks it again
-when the eventfd is taken away. MsiRaised(v) then writes v's eventfd.
+MSI-X: QEMU emulates the MSI-X table itself, so the bridge mirrors QEMU's
+per-vector masks into the server's table (msix_mirror.py); MsiRaised(v)
+then writes v's eventfd.
 
-I/O design: one asyncio loop, non-blocking sockets. Each connection has a
-reader task (recvmsg with SCM_RIGHTS via loop.add_reader; asyncio has no
-sock_recvmsg) that frames messages and routes replies to our own DMA
-requests at once, and a worker task that handles requests strictly in order
-(the spec requires in-order processing, and QEMU relies on it for posted
-writes). A reader thread would cost a cross-thread hop on every access and
-still need the loop for gRPC; grpc.aio must live on one loop anyway.
+I/O design: one asyncio loop, non-blocking sockets; a reader and a worker
+task per connection (connection.py), requests handled strictly in order.
 
-Guest memory for device DMA, two modes (`memory_mode`):
-  * "shared" (the default when the device server is on this host): guest RAM
-    QEMU sends as fds with DMA_MAP (memory-backend-memfd,share=on) is
-    announced to the server with MemoryMapUpdate(add) as /proc/<our
-    pid>/fd/<n>, which the server opens and maps itself, and withdrawn with
-    MemoryMapUpdate(remove) on DMA_UNMAP before the fd is closed. Maps without
-    an fd (ROM, MMIO, the VGA window) are not RAM and are not announced. Every
-    device connection gets the same DMA_MAPs while the server keeps one map
-    per session, so MemoryMirror announces each window once and withdraws it
-    when its last connection unmaps it. The server then reads and writes guest
-    RAM directly: no message per transfer.
-  * "messages": Hello says MEMORY_MODE_DMA_MESSAGES and the server sends a
-    DmaRequest event per transfer; the bridge serves it through its own mmap
-    of QEMU's memfd when it has one, else with vfio-user DMA_READ/DMA_WRITE to
-    QEMU (data at payload offset 16, as the spec and QEMU 11.1 on the wire
-    have it; `dma_layout="u32-count"` for a QEMU whose VFIOUserDMARW still has
-    a u32 count, see protocol.DMA_DATA_OFFSET_SPEC), and answers with a
-    DmaReply. Replies may come in any order; nothing waits for one on the
-    access path.
+Guest memory for device DMA (`memory_mode`): "shared" hands QEMU's memfds
+on to the server (dma.py), "messages" serves the server's DmaRequests from
+our own map or with vfio-user DMA_READ/DMA_WRITE (client_dma.py).
 
 If the device server goes away, reads return all-ones (a master abort),
 writes are dropped, and that is logged once; no access waits longer than
@@ -76,16 +47,14 @@ writes are dropped, and that is logged once; no access waits longer than
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from devmodel.v1 import devmodel_pb2 as pb
 from devserver.effects import DeviceNeedsReset, Effect, IntxChanged, MsiRaised
@@ -98,203 +67,20 @@ from ..client import (
     TlsClientFiles,
     open_channel,
 )
-from .dma import MemoryMirror
-from .handler import SAFE_NAME, Device, DeviceHandler, device_layout, socket_name
-from .irqs import close_fds
+from .client_dma import DMA_LAYOUTS, DmaLayout
+from .connection import Connection
+from .device import Device, device_layout, socket_name
+from .fd_passing import close_fds
 from .link import ACCESS_TIMEOUT, DmaError, MemoryMode, ServerLink, SessionLike, resolve_memory_mode
-from .protocol import (
-    DMA_DATA_OFFSET_SPEC,
-    DMA_DATA_OFFSET_U32_COUNT,
-    Framer,
-    FramingError,
-    Message,
-    encode_error,
-)
+from .memory_mirror import MemoryMirror
+from .qemu_args import qemu_device_args
+from .shared_bars import open_shared_bars
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE: Final = 64 * 1024  # reused for every receive; a 1 MiB write takes 16
-# Room for more descriptors than we allow, so a peer that sends too many is
-# caught and refused rather than silently truncated by the kernel.
-_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(64 * array.array("i").itemsize)
-QUEUE_DEPTH: Final = 256  # requests read ahead of the worker; back-pressure beyond
 _UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes with the NUL
 
-# PCI config registers the bridge reads itself (to find the MSI-X table).
-DmaLayout = Literal["spec", "u32-count"]
-DMA_LAYOUTS: Final[dict[str, int]] = {
-    "spec": DMA_DATA_OFFSET_SPEC,
-    "u32-count": DMA_DATA_OFFSET_U32_COUNT,
-}
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Closed:
-    """Queue sentinel: the peer is gone or the stream broke."""
-
-
-class Connection:
-    """One QEMU connection to one device socket."""
-
-    def __init__(self, sock: socket.socket, device: Device, bridge: VfioUserBridge) -> None:
-        self.sock = sock
-        self.device = device
-        self.framer = Framer()
-        self.handler = DeviceHandler(
-            device,
-            bridge.link,
-            self._send,
-            mirror_msix_mask=bridge.mirror_msix_mask,
-            memory=bridge.memory,
-            dma_data_offset=DMA_LAYOUTS[bridge.dma_layout],
-            send_fds=self._send_fds,
-        )
-        self._queue: asyncio.Queue[Message | FramingError | _Closed] = asyncio.Queue(QUEUE_DEPTH)
-        self._send_lock = asyncio.Lock()
-        self._buffer = memoryview(bytearray(RECV_SIZE))
-        self._closed = False
-
-    async def run(self) -> None:
-        reader = asyncio.create_task(self._read_loop(), name=f"vfio-user {self.device.name} reader")
-        worker = asyncio.create_task(self._work(), name=f"vfio-user {self.device.name} worker")
-        try:
-            done, _ = await asyncio.wait({reader, worker}, return_when=asyncio.FIRST_COMPLETED)
-            if worker not in done and reader.exception() is None:
-                # The reader queued its end marker: answer what came before it.
-                await worker
-            # A worker that stopped first (the client stopped reading) leaves the
-            # reader possibly blocked on a full queue: it is cancelled below.
-        finally:
-            for task in (reader, worker):
-                task.cancel()
-            try:
-                for result in await asyncio.gather(reader, worker, return_exceptions=True):
-                    if isinstance(result, Exception):
-                        log.error("%s: connection task failed", self.device.name, exc_info=result)
-            finally:
-                # Even when the bridge stops (cancelling us) while the client's
-                # hang-up is still being wound down: stop() no longer sees us.
-                self.close()
-
-    async def _recvmsg(self) -> tuple[bytes, list[int], bool]:
-        """One non-blocking recvmsg: (bytes, received fds, control data truncated)."""
-        loop = asyncio.get_running_loop()
-        fileno = self.sock.fileno()
-        while True:
-            try:
-                size, ancillary, flags, _ = self.sock.recvmsg_into(
-                    [self._buffer], _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fileno, _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fileno)
-                continue
-            except (ConnectionResetError, BrokenPipeError):
-                return b"", [], False
-            fds: list[int] = []
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    received = array.array("i")
-                    received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-                    fds.extend(received)
-            return bytes(self._buffer[:size]), fds, bool(flags & socket.MSG_CTRUNC)
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                data, fds, truncated = await self._recvmsg()
-                if truncated:
-                    close_fds(fds)
-                    log.warning(
-                        "%s: too many descriptors in one message; closing the connection",
-                        self.device.name,
-                    )
-                    await self._queue.put(_Closed())
-                    return
-                if not data:
-                    close_fds(fds)
-                    await self._queue.put(_Closed())
-                    return
-                close_fds(self.framer.feed(data, fds))
-                try:
-                    for message in self.framer.messages():
-                        if message.header.is_reply:
-                            self.handler.handle_reply(message)
-                        else:
-                            await self._queue.put(message)
-                except FramingError as e:
-                    log.warning("%s: %s; closing the connection", self.device.name, e)
-                    await self._queue.put(e)
-                    return
-        except OSError as e:
-            log.warning("%s: receive failed: %s", self.device.name, e)
-            await self._queue.put(_Closed())
-
-    async def _work(self) -> None:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _Closed):
-                return
-            if isinstance(item, FramingError):
-                header = item.header
-                if header is not None and header.is_command and not header.no_reply:
-                    with contextlib.suppress(OSError):
-                        await self._send(encode_error(header, item.errno))
-                return
-            reply = await self.handler.handle(item)
-            if reply is not None:
-                try:
-                    await self._send(reply)
-                except OSError as e:
-                    log.info("%s: client went away (%s)", self.device.name, e)
-                    return
-
-    async def _send(self, data: bytes) -> None:
-        if self._closed:
-            raise BrokenPipeError("connection closed")
-        async with self._send_lock:  # replies and DMA requests must not interleave
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    async def _send_fds(self, data: bytes, fds: Sequence[int]) -> None:
-        """Send `data` with `fds` attached to its first byte (SCM_RIGHTS)."""
-        if self._closed:
-            raise BrokenPipeError("connection closed")
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        loop = asyncio.get_running_loop()
-        async with self._send_lock:
-            while True:
-                try:
-                    sent = self.sock.sendmsg([data], ancillary)
-                    break
-                except BlockingIOError:
-                    writable = loop.create_future()
-                    loop.add_writer(self.sock.fileno(), _wake, writable)
-                    try:
-                        await writable
-                    finally:
-                        loop.remove_writer(self.sock.fileno())
-            if sent < len(data):
-                await loop.sock_sendall(self.sock, data[sent:])
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.handler.close()
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, Message):
-                close_fds(item.fds)
-        close_fds(self.framer.take_fds())
-        self.sock.close()
+__all__ = ["DMA_LAYOUTS", "DmaLayout", "VfioUserBridge", "open_bridge", "run_bridge"]
 
 
 # ---------------------------------------------------------------- the bridge
@@ -386,7 +172,7 @@ class VfioUserBridge:
                 listener.bind(os.fspath(path))
                 os.chmod(path, 0o600)
                 listener.listen(1)
-                mmap_fds = self._open_shared_bars(info) if self.map_shared_bars else {}
+                mmap_fds = open_shared_bars(info) if self.map_shared_bars else {}
                 try:
                     device = Device(info, device_layout(info, frozenset(mmap_fds)), path)
                 except BaseException:
@@ -409,49 +195,6 @@ class VfioUserBridge:
             await self.stop()
             raise
         return self.sockets
-
-    @staticmethod
-    def _open_shared_bars(info: pb.DeviceInfo) -> dict[int, int]:
-        """An fd per BAR of `info` backed by shared memory we can open and that
-        is large enough; a BAR we cannot map is served by messages (logged)."""
-        fds: dict[int, int] = {}
-        for bar in info.bars:
-            if not bar.HasField("backing") or not 0 <= bar.index < 6:
-                continue
-            backing = bar.backing
-            try:
-                fd = os.open(backing.path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as e:
-                log.warning(
-                    "%s BAR%d: cannot open %s (%s); not mmappable",
-                    info.name,
-                    bar.index,
-                    backing.path,
-                    e,
-                )
-                continue
-            try:
-                size = os.fstat(fd).st_size
-            except OSError:
-                size = -1
-            if (
-                backing.size != bar.size
-                or bar.size % 4096
-                or backing.file_offset != 0  # the region's mmap offset is 0
-                or (size < backing.file_offset + backing.size)
-            ):
-                log.warning(
-                    "%s BAR%d: %s does not hold [%#x +%#x); not mmappable",
-                    info.name,
-                    bar.index,
-                    backing.path,
-                    backing.file_offset,
-                    backing.size,
-                )
-                os.close(fd)
-                continue
-            fds[bar.index] = fd
-        return fds
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -536,27 +279,9 @@ class VfioUserBridge:
         size=...,share=on -machine q35,memory-backend=mem`) so DMA_MAP brings
         fds; see qemu-vfio-user.md.
         """
-        args: list[str] = []
-        for number, device in enumerate(self.devices.values(), start=1):
-            port = f"devmodel-rp{number}"
-            if root_ports:
-                args += [
-                    "-device",
-                    f"pcie-root-port,id={port},bus=pcie.0,chassis={number},slot={number}",
-                ]
-            spec: dict[str, object] = {
-                "driver": "vfio-user-pci",
-                "id": f"vfu-{device.name}" if SAFE_NAME.fullmatch(device.name) else None,
-                "socket": {"type": "unix", "path": os.fspath(device.socket_path)},
-            }
-            if root_ports:
-                spec["bus"] = port
-            if spec["id"] is None:
-                del spec["id"]
-            if msg_timeout_ms is not None:
-                spec["x-msg-timeout"] = msg_timeout_ms
-            args += ["-device", json.dumps(spec, separators=(",", ":"))]
-        return args
+        return qemu_device_args(
+            self.devices.values(), msg_timeout_ms=msg_timeout_ms, root_ports=root_ports
+        )
 
     async def stop(self) -> None:
         """Close every socket and connection (their eventfds and DMA fds with them)."""

@@ -1,32 +1,40 @@
 """Interrupts towards QEMU: vfio-user SET_IRQS eventfds (INTx, MSI, MSI-X, ERR, REQ).
 
-QEMU hands an eventfd per (IRQ index, vector); the bridge writes to it when
-the device server raises that interrupt. INTx is a level with auto-mask and
-unmask (QEMU's EOI emulation); the others have per-vector mask and pending.
+QEMU hands an eventfd per (IRQ index, vector) with DEVICE_SET_IRQS; the
+bridge writes to it when the device server raises that interrupt. INTx is a
+level with auto-mask and unmask (QEMU's EOI emulation); the others have
+per-vector mask and pending. `IrqTable` is the eventfd state,
+`DeviceInterrupts` one connection's SET_IRQS handling and event delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import os
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .device import Device
+from .fd_passing import ReceivedFds, close_fds
+from .link import ServerLink
+from .msix_mirror import MsixMirror
 from .protocol import (
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_EVENTFD,
     IrqIndex,
+    IrqSet,
+    ProtocolError,
 )
 
 log = logging.getLogger(__name__)
 
 _EVENTFD_ONE: Final = (1).to_bytes(8, "little")
-
-
-def close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+_PCI_STATUS: Final = 0x06
 
 
 def is_eventfd(fd: int) -> bool:
@@ -44,30 +52,6 @@ def signal_eventfd(fd: int) -> None:
         pass  # the counter is saturated: the interrupt is pending anyway
     except OSError as e:
         log.debug("eventfd %d: %s", fd, e)
-
-
-class ReceivedFds:
-    """The descriptors of one message: handlers take the ones they keep; the rest close."""
-
-    __slots__ = ("fds", "taken")
-
-    def __init__(self, fds: Sequence[int]) -> None:
-        self.fds = list(fds)
-        self.taken: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.fds)
-
-    def take(self, i: int) -> int:
-        self.taken.add(i)
-        return self.fds[i]
-
-    def close_rest(self) -> None:
-        close_fds(fd for i, fd in enumerate(self.fds) if i not in self.taken)
-        self.taken = set(range(len(self.fds)))
-
-
-# ---------------------------------------------------------------- interrupts
 
 
 @dataclass(slots=True)
@@ -168,4 +152,136 @@ class IrqTable:
         self.intx_unmask_fd = None
 
 
-# ---------------------------------------------------------------- DMA windows
+class DeviceInterrupts:
+    """One connection's interrupts: DEVICE_SET_IRQS, the server's events, INTx EOI."""
+
+    def __init__(self, device: Device, link: ServerLink, *, mirror_msix_mask: bool = True) -> None:
+        self.device = device
+        self.link = link
+        self.table = IrqTable()
+        self.msix = MsixMirror(device, link, enabled=mirror_msix_mask)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def set_irqs(self, request: IrqSet, fds: ReceivedFds) -> None:
+        """Carry out one DEVICE_SET_IRQS; ProtocolError for what the device lacks."""
+        info = self.device.layout.irq(request.index)
+        index = request.index
+        if len(fds) and request.data_type != IRQ_SET_DATA_EVENTFD:
+            raise ProtocolError("DEVICE_SET_IRQS carries descriptors without DATA_EVENTFD")
+        if request.disables_all:
+            if request.action == IRQ_SET_ACTION_TRIGGER:
+                vectors = self.table.disable(index)
+                if index == IrqIndex.INTX:
+                    self._set_intx_unmask_fd(None)
+                if index == IrqIndex.MSIX:
+                    await self.msix.mirror(vectors, masked=True)
+            return
+        if request.start + request.count > info.count:
+            raise ProtocolError(
+                f"vectors {request.start}..{request.start + request.count - 1} of IRQ index "
+                f"{index} do not exist (it has {info.count})"
+            )
+        if request.data_type == IRQ_SET_DATA_EVENTFD:
+            await self._set_eventfds(request, fds)
+            return
+        # DATA_NONE or DATA_BOOL: act on the selected vectors now.
+        for vector in request.selected():
+            if request.action == IRQ_SET_ACTION_TRIGGER:
+                if index == IrqIndex.INTX:
+                    self.table.fire_intx(level=True)
+                else:
+                    self.table.fire(index, vector)
+            elif request.action == IRQ_SET_ACTION_MASK:
+                self.table.mask(index, vector)
+            elif request.action == IRQ_SET_ACTION_UNMASK:
+                if index == IrqIndex.INTX:
+                    await self.unmask_intx()
+                else:
+                    self.table.unmask(index, vector)
+
+    async def _set_eventfds(self, request: IrqSet, fds: ReceivedFds) -> None:
+        index = request.index
+        if len(fds) not in (0, request.count):
+            raise ProtocolError(
+                f"DEVICE_SET_IRQS for {request.count} vectors carries {len(fds)} eventfds"
+            )
+        if not all(is_eventfd(fd) for fd in fds.fds):
+            raise ProtocolError("DEVICE_SET_IRQS descriptors must be eventfds")
+        if request.action == IRQ_SET_ACTION_TRIGGER:
+            assigned: list[int] = []
+            removed: list[int] = []
+            for i in range(request.count):
+                vector = request.start + i
+                fd = fds.take(i) if len(fds) else None
+                self.table.assign(index, vector, fd, level=self.device.intx_level)
+                (assigned if fd is not None else removed).append(vector)
+            if index == IrqIndex.MSIX:
+                await self.msix.mirror(removed, masked=True)
+                await self.msix.mirror(assigned, masked=False)
+        elif request.action == IRQ_SET_ACTION_UNMASK and index == IrqIndex.INTX:
+            # An eventfd the client signals to unmask: KVM's resample fd.
+            self._set_intx_unmask_fd(fds.take(0) if len(fds) else None)
+        else:
+            raise ProtocolError(
+                f"DATA_EVENTFD with action {request.action:#x} on IRQ index {index} "
+                "is not supported",
+                errno.ENOTTY,
+            )
+
+    async def unmask_intx(self) -> None:
+        """The client's EOI: re-signal if the line is still asserted.
+
+        The guest's handler usually acknowledged the device with a posted write
+        just before; the line's level we hold may predate it. A read round trip
+        orders after every posted write, and the events a write caused arrive
+        before that read's reply, so after it our level is the device's.
+        """
+        if self.device.intx_level:
+            await self.link.config_read(self.device.info, [(_PCI_STATUS, 2)])
+        self.table.unmask(IrqIndex.INTX, 0, level=self.device.intx_level)
+
+    def _set_intx_unmask_fd(self, fd: int | None) -> None:
+        old = self.table.intx_unmask_fd
+        if old is not None:
+            asyncio.get_running_loop().remove_reader(old)
+            close_fds([old])
+        self.table.intx_unmask_fd = fd
+        if fd is not None:
+            asyncio.get_running_loop().add_reader(fd, self._on_intx_unmask_fd)
+
+    def _on_intx_unmask_fd(self) -> None:
+        fd = self.table.intx_unmask_fd
+        if fd is None:
+            return
+        try:
+            os.read(fd, 8)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.debug("INTx unmask eventfd: %s", e)
+            return
+        task = asyncio.create_task(self.unmask_intx(), name=f"{self.device.name} INTx unmask")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def after_reset(self) -> None:
+        """The reset masked every vector of the server's MSI-X table; vectors QEMU
+        still has eventfds for must stay deliverable."""
+        await self.msix.mirror(self.table.assigned(IrqIndex.MSIX), masked=False)
+
+    def on_intx(self, asserted: bool) -> None:
+        if asserted:
+            self.table.fire_intx(level=True)
+
+    def on_msi(self, vector: int) -> None:
+        if 0 <= vector < self.device.layout.irqs[IrqIndex.MSIX].count:
+            self.table.fire(IrqIndex.MSIX, vector)
+
+    def close(self) -> None:
+        """Close every eventfd the client gave us."""
+        for task in self._tasks:
+            task.cancel()
+        if self.table.intx_unmask_fd is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.table.intx_unmask_fd)
+        self.table.close()

@@ -221,6 +221,3 @@ class ServerLink:
             self._lose(ClientError(f"no reply to a memory map update within {self.timeout} s"))
             return False
         return True
-
-
-# ---------------------------------------------------------------- per-device state

@@ -21,9 +21,10 @@ from devserver.effects import AddressRange, Effect, IntxChanged, MsiRaised
 from vmm_client.client import ClientError, MemoryRegion
 from vmm_client.vfio_user.__main__ import build_parser
 from vmm_client.vfio_user.bridge import VfioUserBridge
-from vmm_client.vfio_user.dma import MemoryMirror
-from vmm_client.vfio_user.handler import Device, DeviceHandler, device_layout, socket_name
+from vmm_client.vfio_user.device import Device, device_layout, socket_name
+from vmm_client.vfio_user.handler import DeviceHandler
 from vmm_client.vfio_user.link import DmaError, ServerLink, resolve_memory_mode
+from vmm_client.vfio_user.memory_mirror import MemoryMirror
 from vmm_client.vfio_user.protocol import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -41,6 +42,8 @@ from vmm_client.vfio_user.protocol import (
     Version,
     encode_message,
 )
+
+from .test_protocol import QEMU_CAPS
 
 EVENTFD_TRIGGER = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
 MSIX_CAP = 0x40
@@ -590,6 +593,18 @@ async def test_bad_dma_maps(rig: Rig, ram: int, eventfds: list[int]) -> None:
     assert rig.handler.dma.regions == []
 
 
+@pytest.mark.parametrize(("address", "size"), [(0x800, 0x1000), (0x1000, 0x800), (0x1001, 0x1000)])
+async def test_unaligned_dma_maps_are_refused(rig: Rig, ram: int, address: int, size: int) -> None:
+    """We offered 4 KiB pages in VERSION: a window off that grid is EINVAL (as VFIO's
+    type1 IOMMU), its fd is closed, and the table is unchanged."""
+    (mine,) = dup([ram])
+    assert await rig.error(Command.DMA_MAP, dma_map(address, size), (mine,)) == errno.EINVAL
+    assert not is_open(mine)
+    assert await rig.error(Command.DMA_MAP, dma_map(address, size)) == errno.EINVAL
+    assert rig.handler.dma.regions == []
+    await rig.ok(Command.DMA_MAP, dma_map(0x1000, 0x1000))  # the connection goes on
+
+
 async def test_dma_unmap_rules(rig: Rig) -> None:
     for address in (0x0, 0x1000, 0x4000):
         await rig.ok(Command.DMA_MAP, dma_map(address, 0x1000))
@@ -773,17 +788,9 @@ async def test_replies_arrive_as_whole_messages() -> None:
 
 def test_our_version_reply_fits_in_qemus_request() -> None:
     """QEMU refuses a reply larger than its request ("reply larger than recv buffer")."""
-    qemu = {
-        "capabilities": {
-            "migration": {"pgsize": 4096, "max_bitmap_size": 268435456},
-            "max_msg_fds": 16,
-            "max_data_xfer_size": 1048576,
-            "pgsizes": 4096,
-            "max_dma_maps": 65535,
-            "write_multiple": True,
-        }
-    }
-    request = struct.pack("<HH", 0, 0) + json.dumps(qemu, separators=(",", ":")).encode() + b"\0"
+    request = (
+        struct.pack("<HH", 0, 0) + json.dumps(QEMU_CAPS, separators=(",", ":")).encode() + b"\0"
+    )
 
     async def run() -> bytes | None:
         r = make_rig()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from devmodel.v1 import devmodel_pb2 as pb
-from vmm_client.vfio_user.handler import Device, DeviceHandler, device_layout
+from vmm_client.vfio_user.device import Device, device_layout
+from vmm_client.vfio_user.handler import DeviceHandler
 from vmm_client.vfio_user.link import ServerLink
 from vmm_client.vfio_user.protocol import (
     REGION_INFO_FLAG_MMAP,
