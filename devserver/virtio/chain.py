@@ -58,11 +58,11 @@ class RingMemory(GuestMemory, Protocol):
 class BatchedRingMemory(RingMemory, Protocol):
     """A RingMemory whose every access is a round trip to another process (DMA
     by message, devserver.service.dma_messages). Optional: SplitQueue checks
-    for it once and otherwise behaves exactly as before (SHARED is unaffected).
+    for it once, and without it (SHARED) none of the below happens.
 
     With it the queue reads the descriptor table and the available ring whole,
-    in one access, right after an avail.idx read (what that idx covers is
-    stable until used, §2.7.13.1), and `write` may return before the write is
+    in one access, right after an avail.idx read (what that idx covers, the
+    driver leaves alone until it is used), and `write` may return before it is
     done: writes are posted, and the queue puts a `fence` wherever the spec
     orders a write before a later access (the used element before used.idx,
     used.idx before reading used_event, avail_event before re-reading
@@ -73,11 +73,17 @@ class BatchedRingMemory(RingMemory, Protocol):
         """Return once every write made so far is done; GuestMemoryError (the
         first failure's) if one failed."""
 
+    def read_many(self, pieces: Sequence[Segment]) -> list[bytes]:
+        """The bytes at each (gpa, length), as `read` would return them, the
+        requests in flight together (a scattered buffer's segments)."""
+
     def epoch(self) -> int:
         """A number that changes whenever a driver notification may have arrived
         since it was last read (every request the frontend sends moves it): a
         ring found empty at epoch E, after avail_event was published, stays
-        empty for the device until the epoch moves (the driver must kick)."""
+        empty for the device until the epoch moves (the driver must kick). A
+        kick that reached the device any other way (an ioeventfd) would have
+        to move it too."""
 
 
 class ChainError(DevserverError):
@@ -225,8 +231,12 @@ class Reader(_Cursor):
     def read(self, n: int) -> bytes:
         """Up to `n` bytes (fewer at the end of the chain, at most MAX_COPY)."""
         n = max(0, min(n, self.remaining, MAX_COPY))
+        pieces = self._pieces(n)
+        memory = self._memory
         try:
-            return b"".join(self._memory.read(gpa, take) for gpa, take in self._pieces(n))
+            if len(pieces) > 1 and isinstance(memory, BatchedRingMemory):
+                return b"".join(memory.read_many(pieces))  # in flight together
+            return b"".join(memory.read(gpa, take) for gpa, take in pieces)
         except GuestMemoryError as e:
             raise ChainError(f"reading a chain: {e}") from None
 

@@ -14,7 +14,9 @@ Ordering: the device writes a used element before it publishes used.idx, and
 reads avail.idx before the ring entries it covers. Between processes sharing
 guest RAM on x86 this relies on TSO (stores are seen in order, loads are not
 reordered with older loads), as vhost-user back-ends in C do with compiler
-barriers only.
+barriers only. Over DMA messages, where the frontend may carry requests out in
+any order, the queue fences instead (chain.BatchedRingMemory), and reads
+what an avail.idx covers only in a request after the one that read it.
 """
 
 from __future__ import annotations

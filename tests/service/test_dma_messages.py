@@ -364,7 +364,7 @@ async def test_bad_writes_are_refused_at_once_not_at_the_fence(
 async def test_the_epoch_moves_only_when_it_is_wired_and_requests_arrive(
     make: Callable[..., tuple[MessageGuestMemory, Wire]],
 ) -> None:
-    memory, _ = make()
+    memory, wire = make(answer=False)
     view = memory.for_device(DEVICE)
     assert view.epoch() != view.epoch()  # nobody reports arrivals: never the same twice
     incoming: asyncio.Queue[object] = asyncio.Queue()
@@ -372,12 +372,66 @@ async def test_the_epoch_moves_only_when_it_is_wired_and_requests_arrive(
     try:
         before = view.epoch()
         assert view.epoch() == before
-        reply = pb.Request(dma_reply=pb.DmaReply(request_id=1 << 30, ok=True))
-        incoming.put_nowait(pb.FrontendMessage(requests=[reply]))
-        await asyncio.sleep(0.02)
-        assert view.epoch() == before  # a reply a worker takes is not news
+        read = asyncio.ensure_future(asyncio.to_thread(view.read, 0, 2))
+        await _sent(wire, 1)
+        reply = pb.DmaReply(request_id=wire.sent[0].request_id, ok=True, data=b"ok")
+        incoming.put_nowait(pb.FrontendMessage(requests=[pb.Request(dma_reply=reply)]))
+        assert await asyncio.wait_for(read, 10) == b"ok"
+        assert view.epoch() == before  # a reply a worker took is not news
         incoming.put_nowait(pb.FrontendMessage(requests=[_write(1)]))
         assert await reader.next() == [_write(1)]
         assert view.epoch() != before  # a kick may be among them
     finally:
         await reader.aclose()
+
+
+async def test_devices_together_post_at_most_half_of_what_may_be_owed(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False, limit=4)
+    first, second = memory.for_device(DEVICE), memory.for_device(DEVICE + 1)
+    await asyncio.to_thread(first.write, 0x100, b"a")
+    await asyncio.to_thread(first.write, 0x200, b"b")  # the session's share: 2 of 4
+    blocked = asyncio.ensure_future(asyncio.to_thread(second.write, 0x300, b"c"))
+    await _sent(wire, 3)
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # sent, but waited for as before posting
+    _answer(memory, wire, wire.sent[2])
+    await asyncio.wait_for(blocked, 10)
+    for request in wire.sent[:2]:
+        _answer(memory, wire, request)
+    await asyncio.to_thread(first.fence)
+    assert bytes([wire.ram[0x100], wire.ram[0x200], wire.ram[0x300]]) == b"abc"
+
+
+async def test_a_fence_gives_up_after_one_timeout_and_drops_the_late_replies(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False, timeout=0.2)
+    view = memory.for_device(DEVICE)
+    for i in range(3):
+        await asyncio.to_thread(view.write, 0x100 * i, b"x")
+    with pytest.raises(GuestMemoryError, match="did not answer DMA request 1"):
+        await asyncio.to_thread(view.fence)
+    for request in wire.sent:  # each was given up: its late reply is dropped quietly
+        assert memory.resolve(pb.DmaReply(request_id=request.request_id, ok=True))
+    assert memory._counters.devices[DEVICE].dma_errors == 3
+
+
+async def test_a_scattered_read_has_its_pieces_in_flight_together(
+    make: Callable[..., tuple[MessageGuestMemory, Wire]],
+) -> None:
+    memory, wire = make(answer=False)
+    wire.ram[0x100:0x103] = b"abc"
+    wire.ram[0x200:0x202] = b"de"
+    view = memory.for_device(DEVICE)
+    pieces = [(0x100, 3), (0x200, 2), (0x300, 0), (0x400, 1)]
+    many = asyncio.ensure_future(asyncio.to_thread(view.read_many, pieces))
+    await _sent(wire, 3)  # all three non-empty pieces before any answer
+    for request in reversed(wire.sent):  # answered in any order
+        _answer(memory, wire, request)
+    assert await asyncio.wait_for(many, 10) == [b"abc", b"de", b"", b"\0"]
+    memory.set_map([MemoryRegion(0, 0x1000)])
+    with pytest.raises(GuestMemoryError, match="outside guest RAM"):  # none goes out
+        await asyncio.to_thread(view.read_many, [(0x100, 1), (0x2000, 1)])
+    assert len(wire.sent) == 3

@@ -464,15 +464,24 @@ async def test_a_bad_reply_latches_needs_reset(
 
 @pytest.mark.parametrize("mode", [pytest.param(MESSAGES, id="messages")])
 async def test_a_reply_nobody_asked_for_ends_only_that_stream(
-    server: DevServer, mode: int, ram: Ram
+    server: DevServer, mode: int, ram: Ram, caplog: pytest.LogCaptureFixture
 ) -> None:
+    reason = "no DMA request with that id"
+
     def drive() -> None:
         with attach(server, mode, ram) as frontend:
             start(frontend, BLK, 1)
             frontend.send_raw(pb.DmaReply(request_id=1 << 40, ok=True))
-            with pytest.raises(ClientError, match="no DMA request with that id") as info:
+            with pytest.raises(ClientError) as info:
                 frontend.bar_read(BLK, VIRTIO_BAR, 0x14, 1)
-            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            if info.value.code == grpc.StatusCode.INTERNAL:
+                # grpc/grpc#36066 (client side, open): the BarRead written just
+                # as the server's status came in fails, and the aio client
+                # reports that failure over the status. The server's verdict:
+                assert reason in caplog.text
+            else:
+                assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert reason in str(info.value)
         with attach(server, mode, ram) as frontend:  # the server goes on
             start(frontend, BLK, 1)
 
@@ -516,3 +525,72 @@ async def test_a_frontend_that_leaves_mid_transfer(
             assert disk.get(status, 1)[0] == VIRTIO_BLK_S_OK
 
     await asyncio.to_thread(again)
+
+
+# ---------------------------------------------------------------- round trips (DMA_MESSAGES)
+
+
+async def test_one_request_after_another_each_kicked(
+    server: DevServer, mode: int, ram: Ram, image: Path
+) -> None:
+    """Each kick is served even though the step before it found the ring empty
+    (DMA_MESSAGES keeps that verdict only until the frontend sends anything:
+    SplitQueue._empty_seen), and a request made available without a kick waits
+    for one, as a driver that was asked to kick must send it."""
+    pattern = os.urandom(512 * 8)
+    await asyncio.to_thread(_write_image, image, pattern)
+
+    def drive() -> None:
+        with attach(server, mode, ram) as frontend:
+            drv = start(frontend, BLK, 1)
+            for i in range(6):
+                data, status = drv.blk(VIRTIO_BLK_T_IN, i, in_len=512)
+                drv.kick(0)
+                assert [length for _, length in drv.wait_used(0, 1)] == [513]
+                assert drv.get(status, 1)[0] == VIRTIO_BLK_S_OK
+                assert drv.get(data, 512) == pattern[512 * i : 512 * (i + 1)]
+            drv.blk(VIRTIO_BLK_T_FLUSH, 0)  # no kick: nothing happens ...
+            assert drv.wait_used(0, 1, timeout=0.3) == []
+            drv.kick(0)  # ... until the kick
+            assert len(drv.wait_used(0, 1)) == 1
+            assert not drv.broken
+
+    await asyncio.to_thread(drive)
+
+
+def _write_image(image: Path, data: bytes) -> None:
+    with image.open("r+b") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("mode", [pytest.param(MESSAGES, id="messages")])
+async def test_round_trips_per_request_are_few(server: DevServer, mode: int, ram: Ram) -> None:
+    """A 4 KiB virtio-blk read cost 14 DmaRequests one at a time (avail.idx, a
+    ring entry, three descriptors, header, data, status, used element, used.idx,
+    used_event, avail_event, and avail.idx twice more); the queue now reads the
+    table and ring in one access, posts writes and fences them, and asks for
+    avail.idx once per batch (bench/results/messages.md)."""
+
+    def drive() -> tuple[float, float]:
+        with attach(server, mode, ram) as frontend:
+            drv = start(frontend, BLK, 1)
+            drv.blk(VIRTIO_BLK_T_IN, 0, in_len=4096)  # the first look publishes avail_event
+            drv.kick(0)
+            assert len(drv.wait_used(0, 1)) == 1
+            before = frontend.served
+            for _ in range(4):
+                drv.blk(VIRTIO_BLK_T_IN, 8, in_len=4096)
+                drv.kick(0)
+                assert len(drv.wait_used(0, 1)) == 1
+            one = (frontend.served - before) / 4
+            before = frontend.served
+            statuses = [drv.blk(VIRTIO_BLK_T_IN, 8 * i, in_len=4096)[1] for i in range(8)]
+            drv.kick(0)
+            assert len(drv.wait_used(0, 8)) == 8
+            assert all(drv.get(st, 1)[0] == VIRTIO_BLK_S_OK for st in statuses)
+            assert not drv.broken
+            return one, (frontend.served - before) / 8
+
+    one, batched = await asyncio.to_thread(drive)
+    assert one <= 9
+    assert batched <= 7

@@ -5,10 +5,12 @@ the real one; here a bytearray that logs every access)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from devserver.memory import BytearrayMemory
-from devserver.virtio.chain import BatchedRingMemory
+from devserver.virtio.chain import BatchedRingMemory, Reader
 from devserver.virtio.queue import QueueArea, QueueConfig, SplitQueue
 from devserver.virtio.ring import DESC, U16, avail_event_offset, used_event_offset
 from devserver.virtio.spec import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -38,6 +40,10 @@ class Logged(BytearrayMemory):
 
     def fence(self) -> None:
         self.log.append(("fence",))
+
+    def read_many(self, pieces: Sequence[tuple[int, int]]) -> list[bytes]:
+        self.log.append(("many", *pieces))
+        return [super(Logged, self).read(gpa, length) for gpa, length in pieces]
 
     def epoch(self) -> int:
         return self.now
@@ -182,3 +188,14 @@ def test_used_event_from_the_combined_read(mem: Logged) -> None:
     assert all(chains)
     assert q.add_used(0, 0) and not q.needs_notification()
     assert q.add_used(2, 0) and q.needs_notification()
+
+
+def test_a_scattered_buffer_is_read_in_one_go(mem: Logged) -> None:
+    mem.write(0x8000, b"abc")
+    mem.write(0x9000, b"defg")
+    mem.accesses()
+    reader = Reader(mem, ((0x8000, 3), (0x9000, 4)))
+    assert reader.read(6) == b"abcdef"
+    assert mem.accesses() == [("many", (0x8000, 3), (0x9000, 3))]
+    assert reader.read(10) == b"g"  # one piece: a plain read
+    assert mem.accesses() == [("r", 0x9003, 1)]
