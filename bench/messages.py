@@ -46,13 +46,9 @@ from devserver.virtio.pci_transport import VIRTIO_BAR, VirtioPciFunction
 from devserver.virtio.ring import U16
 from tests.unit.virtio.driver import RAM_SIZE, EchoDevice, FakeVirtioDriver
 from vmm_client.client import (
-    AsyncSession,
-    EventHandler,
     FrontendOptions,
     MemoryRegion,
     SyncSession,
-    TlsClientFiles,
-    open_channel,
 )
 
 from .devserver_process import start_server
@@ -97,19 +93,7 @@ class Frontend(SyncSession):
         options = FrontendOptions(
             "bench-messages", msi=False, memory_mode=mode, regions=ram.regions()
         )
-        super().__init__(target, options)
-
-    async def _open(
-        self,
-        target: str,
-        options: FrontendOptions,
-        on_event: EventHandler | None,
-        tls: TlsClientFiles | None,
-    ) -> AsyncSession:
-        self._channel = open_channel(target, tls)
-        return await AsyncSession.attach(
-            self._channel, options, on_event, on_dma=self._serve_dma, timeout=self.timeout
-        )
+        super().__init__(target, options, on_dma=self._serve_dma)
 
     def _serve_dma(self, request: pb.DmaRequest) -> None:
         self.served += 1

@@ -424,7 +424,8 @@ class SyncSession:
     """A blocking facade: the session lives on a private event-loop thread.
 
     `on_event` runs on that thread, before the blocking call that caused the
-    event returns.
+    event returns; so does `on_dma` (MEMORY_MODE_DMA_MESSAGES: answer each
+    DmaRequest with `dma_reply`, now or later, from any thread).
     """
 
     def __init__(
@@ -434,8 +435,10 @@ class SyncSession:
         on_event: EventHandler | None = None,
         tls: TlsClientFiles | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        on_dma: DmaHandler | None = None,
     ) -> None:
         self.timeout = timeout
+        self._on_dma = on_dma
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="devmodel-client", daemon=True
@@ -458,7 +461,9 @@ class SyncSession:
         tls: TlsClientFiles | None,
     ) -> AsyncSession:
         self._channel = open_channel(target, tls)
-        return await AsyncSession.attach(self._channel, options, on_event, timeout=self.timeout)
+        return await AsyncSession.attach(
+            self._channel, options, on_event, on_dma=self._on_dma, timeout=self.timeout
+        )
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -485,6 +490,17 @@ class SyncSession:
         # caller's next read or config write reports why.
         with contextlib.suppress(ClientError):
             self._session.bar_write(device_id, bar, offset, size, value)
+
+    def dma_reply(self, request_id: int, data: bytes = b"", error: str = "") -> None:
+        """Answer a DmaRequest (on_dma); safe from any thread, like bar_write."""
+        if threading.current_thread() is self._thread:
+            self._post_dma_reply(request_id, data, error)
+        else:
+            self._loop.call_soon_threadsafe(self._post_dma_reply, request_id, data, error)
+
+    def _post_dma_reply(self, request_id: int, data: bytes, error: str) -> None:
+        with contextlib.suppress(ClientError):  # the session ended: nobody is waiting
+            self._session.dma_reply(request_id, data, error)
 
     def reset_device(self, device_id: int) -> list[Effect]:
         return self._run(self._session.reset_device(device_id))

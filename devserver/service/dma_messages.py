@@ -6,10 +6,10 @@ matched by request_id, in any order. Two kinds of callers share one id space
 and one bound (protocol.MAX_DMA_OUTSTANDING owed at once, `DmaChannel`):
 
 - the test device's DMA engine (a `DmaRequested` effect, `PendingDma`): it never
-  waits, the reply completes it later (servicer._dma / _dma_reply);
+  waits, the reply completes it later (emit.py: _dma / dma_reply);
 - virtio devices, whose queue code reads and writes guest memory synchronously
   (devserver.virtio: `RingMemory`). They run in a worker thread
-  (servicer._serve_virtio, _run_pending), so `MessageGuestMemory` blocks that
+  (virtio_runner.py: serve_virtio, _run_pending), so `MessageGuestMemory` blocks that
   thread on a concurrent.futures.Future while the event loop sends the request
   and, when the reply arrives, resolves the future. The same device code runs
   in both memory modes; only the RingMemory it is given differs.

@@ -81,7 +81,11 @@ class VirtioDevice:
         return int.from_bytes(chunk.ljust(size, b"\0"), "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        """A driver write; most fields are read-only, so the default ignores it."""
+        """A driver write; most fields are read-only, so the default ignores it.
+
+        It only stores: the shell serves it on the event loop, not in a worker
+        (VirtioPciFunction.access_may_block); a device whose config write does
+        I/O must say so there."""
 
     # -- lifecycle
 

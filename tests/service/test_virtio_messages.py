@@ -45,13 +45,11 @@ from devserver.virtio.pci_transport import VIRTIO_BAR, VirtioPciFunction
 from devserver.virtio.spec import DeviceStatus
 from tests.unit.virtio.driver import RAM_SIZE, EchoDevice, FakeVirtioDriver
 from vmm_client.client import (
-    AsyncSession,
     ClientError,
     EventHandler,
     FrontendOptions,
     MemoryRegion,
     SyncSession,
-    TlsClientFiles,
     get_stats,
     open_channel,
 )
@@ -104,19 +102,7 @@ class Frontend(SyncSession):
         options = FrontendOptions(
             "messages-test", msi=False, memory_mode=mode, regions=ram.regions()
         )
-        super().__init__(target, options, on_event)
-
-    async def _open(
-        self,
-        target: str,
-        options: FrontendOptions,
-        on_event: EventHandler | None,
-        tls: TlsClientFiles | None,
-    ) -> AsyncSession:
-        self._channel = open_channel(target, tls)
-        return await AsyncSession.attach(
-            self._channel, options, on_event, on_dma=self._serve_dma, timeout=self.timeout
-        )
+        super().__init__(target, options, on_event, on_dma=self._serve_dma)
 
     def _serve_dma(self, request: pb.DmaRequest) -> None:
         verdict = self.policy(request)

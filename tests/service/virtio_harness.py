@@ -42,13 +42,10 @@ from devserver.virtio.pci_transport import (
 from devserver.virtio.spec import DeviceStatus
 from tests.unit.virtio.driver import MSIX_CAP_FLAGS, MSIX_ENABLE, EchoDevice, FakeVirtioDriver
 from vmm_client.client import (
-    AsyncSession,
     EventHandler,
     FrontendOptions,
     MemoryRegion,
     SyncSession,
-    TlsClientFiles,
-    open_channel,
 )
 
 START_TIMEOUT: Final = 60.0  # a busy 2-core machine starts Python slowly
@@ -188,19 +185,7 @@ class FrontendSession(SyncSession):
         self.dma_served = 0
         # A hostile frontend: answer reads with this many bytes too few or too many.
         self.read_skew = 0
-        super().__init__(target, options, on_event)
-
-    async def _open(
-        self,
-        target: str,
-        options: FrontendOptions,
-        on_event: EventHandler | None,
-        tls: TlsClientFiles | None,
-    ) -> AsyncSession:
-        self._channel = open_channel(target, tls)
-        return await AsyncSession.attach(
-            self._channel, options, on_event, on_dma=self._serve_dma, timeout=self.timeout
-        )
+        super().__init__(target, options, on_event, on_dma=self._serve_dma)
 
     def unplug(self, guest_address: int) -> None:
         """Stop serving the RAM at `guest_address` (with a MemoryMapUpdate removing it)."""
