@@ -383,10 +383,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     note = (
         f"Measured {started:%Y-%m-%d %H:%M} UTC on {platform.node()} ({os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {' '.join(qemu)} TCG, guest: 1 vCPU, 512 MiB). "
-        f"Load average {load_before[0]:.1f} before and {load_after[0]:.1f} after: the machine "
-        "was shared with other jobs (other helpers' builds, tests and QEMU guests), so "
-        "compare figures within this run only. Medians of the runs, (min-max) when more "
-        "than one; fio's mean total latency."
+        f"Load average {load_before[0]:.1f} before and {load_after[0]:.1f} after "
+        "(above ~1 on 2 cores, other jobs shared the machine); compare figures within "
+        "this run only. Medians of the runs, (min-max) when more than one; fio's mean "
+        "total latency."
     )
     fio = "\n".join(f"    {job.command(args.runtime)}" for job in jobs)
     text = (
