@@ -13,11 +13,12 @@ from .devices.blk import MAX_QUEUES as BLK_MAX_QUEUES
 from .devices.blk import VirtioBlk
 from .devices.console import ConsoleHostEnd, VirtioConsole
 from .devices.framebuffer import DEFAULT_VRAM_MIB, BochsDisplay, vram_size_from_mib
+from .devices.net import DEFAULT_MTU, VirtioNet, default_mac, parse_mac
 from .devices.testdev import PciTestDevice
 from .errors import ConfigError
 from .pci.bus import MAX_SLOTS, PciBus
 from .pci.function import PciFunction, Presentation
-from .ports import BlockBackend, SharedFramebuffer
+from .ports import BlockBackend, PacketPort, SharedFramebuffer
 from .virtio.pci_transport import VirtioPciFunction
 
 # Keys every device takes; device-specific keys are listed per type.
@@ -33,6 +34,7 @@ class SpecBackends:
     stream: ConsoleHostEnd | None = None
     framebuffer: SharedFramebuffer | None = None
     console_ports: tuple[tuple[str, ConsoleHostEnd], ...] = ()  # named ports, in order
+    packet_port: PacketPort | None = None  # a virtio-net's tap
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +265,43 @@ def _build_framebuffer(
     return BochsDisplay(backends.framebuffer, presentation, serial, edid=checked.edid)
 
 
+@dataclass(frozen=True, slots=True)
+class NetOptions:
+    """virtio-net's keys, checked (the shell opens the tap `tap`)."""
+
+    tap: str
+    mac: bytes | None  # None: derived from the device's number
+    mtu: int = DEFAULT_MTU
+
+
+def net_options(options: Mapping[str, str]) -> NetOptions:
+    tap = options.get("tap", "")
+    if not tap:
+        raise ConfigError("virtio-net needs tap=NAME (a tap interface the server opens)")
+    raw_mac = options.get("mac")
+    mac = parse_mac(raw_mac) if raw_mac is not None else None
+    raw = options.get("mtu", str(DEFAULT_MTU))
+    try:
+        mtu = int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"virtio-net mtu={raw!r} is not a number") from None
+    return NetOptions(tap, mac, mtu)
+
+
+def _build_net(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backends: SpecBackends,
+) -> PciFunction:
+    if backends.packet_port is None:
+        raise ConfigError("virtio-net: its tap was not opened (no packet port given)")
+    checked = net_options(options)
+    mac = checked.mac if checked.mac is not None else default_mac(serial & 0xFFFF)
+    device = VirtioNet(backends.packet_port, mac=mac, mtu=checked.mtu)
+    return VirtioPciFunction(device, presentation=presentation, serial=serial)
+
+
 DEVICE_TYPES: dict[str, DeviceType] = {
     t.name: t
     for t in (
@@ -295,6 +334,13 @@ DEVICE_TYPES: dict[str, DeviceType] = {
             "shared-memory VRAM: [vram=MiB (power of two, default 16)][,edid=on|off]",
             frozenset({"vram", "edid"}),
             _build_framebuffer,
+        ),
+        DeviceType(
+            "virtio-net",
+            "virtio network device on a tap interface: tap=NAME"
+            "[,mac=52:54:00:xx:xx:xx (default from the device number)][,mtu=1500]",
+            frozenset({"tap", "mac", "mtu"}),
+            _build_net,
         ),
     )
 }
@@ -360,6 +406,7 @@ def build_bus(
     streams: Mapping[int, ConsoleHostEnd] | None = None,
     framebuffers: Mapping[int, SharedFramebuffer] | None = None,
     console_ports: Mapping[int, Sequence[tuple[str, ConsoleHostEnd]]] | None = None,
+    packet_ports: Mapping[int, PacketPort] | None = None,
 ) -> PciBus:
     """Build bus 0 with every device, presented as the frontend can take them.
     `block_backends` maps a spec's index to the disk the shell opened for it,
@@ -389,6 +436,7 @@ def build_bus(
             opened.get(i),
             (framebuffers or {}).get(i),
             tuple((console_ports or {}).get(i, ())),
+            (packet_ports or {}).get(i),
         )
         function = dtype.build(spec.options, presentation, 0x5EED_0000 + i, backends)
         function.name = names[i]

@@ -80,3 +80,24 @@ class SharedFramebuffer(Protocol):
     @property
     def view(self) -> memoryview:
         """The bytes, writable, exactly `backing.size` long."""
+
+
+class PacketPort(Protocol):
+    """The wire a virtio-net device is joined to (virtio 1.2 §5.1): whole
+    Ethernet frames, no virtio header (a tap device in the shell).
+
+    Never blocks: the device calls it from a worker thread while the service's
+    event loop reads the host end. Frames from the host wait in a bounded
+    buffer until the device takes them, which it does only when the guest has
+    posted receive buffers; when the buffer is full the implementation stops
+    reading from the host (back-pressure: the host's own queue drops).
+    """
+
+    def pending(self) -> bool:
+        """A frame from the host waits."""
+
+    def receive(self) -> bytes | None:
+        """The oldest waiting frame (None when none waits)."""
+
+    def send(self, frame: bytes) -> bool:
+        """Send one frame to the host; False: dropped (the host end is down or full)."""

@@ -2,12 +2,13 @@
 its RPCs.
 
 The servicer owns what lives as long as the server: the disk images, the
-vesa-fb VRAM memfds and the console host ends (console_pump.py), all opened
-at start, and the counters. A frontend's Attach stream (attach.py) gets a
-Session (session.py) built from the device specs as presented to it (no
-MSI-X without MSI, 32-bit BARs without 64-bit routing); one frontend at a
-time. Requests are served by requests.py, effects go out by emit.py (DMA is
-carried out there), and virtio functions are run by virtio_runner.py.
+vesa-fb VRAM memfds, the console host ends (console_pump.py) and the
+virtio-net taps (net_pump.py), all opened at start, and the counters. A
+frontend's Attach stream (attach.py) gets a Session (session.py) built from
+the device specs as presented to it (no MSI-X without MSI, 32-bit BARs
+without 64-bit routing); one frontend at a time. Requests are served by
+requests.py, effects go out by emit.py (DMA is carried out there), and
+virtio functions are run by virtio_runner.py.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .console_pump import ConsolePump
 from .convert import display_mode_to_pb, topology_to_pb
 from .dma_messages import DmaChannel
 from .needs_reset_log import NeedsResetLog
+from .net_pump import NetPump
 from .protocol import (
     FEATURES,
     MAX_DMA_OUTSTANDING,
@@ -57,12 +59,15 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         # attach); every session's devices share them. close() lets them go.
         self._block_backends: dict[int, FileBlockBackend] = open_block_backends(self._specs)
         self._consoles = ConsolePump([], self.counters)
+        self._nets = NetPump([])
         self._framebuffers: dict[int, MemfdFramebuffer] = {}
         try:
             # A vesa-fb's VRAM memfd lives as long as the server (every session maps it).
             self._framebuffers = open_framebuffers(self._specs)
             # Console host ends open from the start too (served once start() runs).
             self._consoles = ConsolePump(self._specs, self.counters)
+            # virtio-net taps too (read once start() runs).
+            self._nets = NetPump(self._specs)
             # what Topology shows before any attach
             self._default_bus = build_bus(
                 self._specs,
@@ -70,6 +75,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 streams=self._consoles.streams,
                 framebuffers=self._framebuffers,
                 console_ports=self._consoles.ports,
+                packet_ports=self._nets.ports,
             )
             self._consoles.count_drops(self._default_bus)
         except BaseException:
@@ -81,10 +87,12 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
     async def start(self) -> None:
         """Serve the console host ends on the running loop."""
         await self._consoles.start()
+        await self._nets.start()
 
     async def aclose(self) -> None:
         """close(), after the console host ends are let go on the loop."""
         await self._consoles.aclose()
+        await self._nets.aclose()
         self.close()
 
     def close(self) -> None:
@@ -93,6 +101,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         for backend in backends.values():
             backend.close()
         self._consoles.close()
+        self._nets.close()
         framebuffers, self._framebuffers = self._framebuffers, {}
         for framebuffer in framebuffers.values():
             framebuffer.close()
@@ -219,6 +228,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 streams=self._consoles.streams,
                 framebuffers=self._framebuffers,
                 console_ports=self._consoles.ports,
+                packet_ports=self._nets.ports,
             )
         except ConfigError as e:
             memory.close()
@@ -273,11 +283,14 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         )
 
     def wire_consoles(self, session: Session) -> None:
-        """Host ends wake the session's console devices (console_pump.py)."""
+        """Host ends wake the session's console and net devices (console_pump.py,
+        net_pump.py)."""
         self._consoles.wire(session, functools.partial(deliver, session))
+        self._nets.wire(session, functools.partial(deliver, session))
 
     def unwire_consoles(self, session: Session) -> None:
         self._consoles.unwire(session)
+        self._nets.unwire(session)
 
     def holds(self, session: Session) -> bool:
         return self._session is session
@@ -285,4 +298,5 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
     def end_session(self, session: Session) -> None:
         self._session = None
         self._consoles.unwire(session)
+        self._nets.unwire(session)
         session.end()

@@ -1,0 +1,124 @@
+"""virtio-net taps, served on the event loop (virtio 1.2 §5.1).
+
+Every virtio-net spec's tap (backends/net_tap.py) opens when the server starts
+and lives as long as it; each session's net devices are joined to them at
+attach. A frame arriving at a tap wakes its device the way a console's host
+end does (console_pump.py, whose session bookkeeping this shares: the wake
+tasks and their coalescing are per device id): a task per device, under the
+device's lock, runs its receive side in a worker thread as if the driver had
+kicked receiveq, and the servicer sends the interrupts it raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Sequence
+
+from ..backends.net_tap import TapPort
+from ..config import DeviceSpec, net_options
+from ..devices.net import RECEIVEQ, VirtioNet
+from ..effects import Effect
+from ..errors import ConfigError
+from ..ports import PacketPort
+from ..virtio.pci_transport import VirtioPciFunction
+from .console_pump import ConsoleSession, Deliver
+
+log = logging.getLogger(__name__)
+
+
+def open_taps(specs: Sequence[DeviceSpec]) -> dict[int, TapPort]:
+    """Every virtio-net spec's tap, by spec index; a bad one is a ConfigError
+    now (with every tap opened so far closed again), not at attach."""
+    opened: dict[int, TapPort] = {}
+    try:
+        for i, spec in enumerate(specs):
+            if spec.type != "virtio-net":
+                continue
+            checked = net_options(spec.options)
+            if any(tap.name == checked.tap for tap in opened.values()):
+                raise ConfigError(f"virtio-net: two devices on tap={checked.tap}")
+            opened[i] = TapPort(checked.tap)
+    except BaseException:
+        for tap in opened.values():
+            tap.close()
+        raise
+    return opened
+
+
+class NetPump:
+    """The taps of one server, and their wakes per session."""
+
+    def __init__(self, specs: Sequence[DeviceSpec]) -> None:
+        self.taps: dict[int, TapPort] = open_taps(specs)
+
+    @property
+    def ports(self) -> dict[int, PacketPort]:
+        """Each spec's tap, for build_bus."""
+        return dict(self.taps)
+
+    async def start(self) -> None:
+        for tap in self.taps.values():
+            await tap.start()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        taps, self.taps = list(self.taps.values()), {}
+        for tap in taps:
+            tap.close()
+
+    # -- sessions
+
+    def wire(self, session: ConsoleSession, deliver: Deliver) -> None:
+        """Wake `session`'s net devices when their taps have frames."""
+        for function, device in _nets_of(session):
+            port = device.port
+            if isinstance(port, TapPort):
+                port.on_readable = functools.partial(self._wake, session, function, deliver)
+
+    def unwire(self, session: ConsoleSession) -> None:
+        for _, device in _nets_of(session):
+            port = device.port
+            if isinstance(port, TapPort):
+                port.on_readable = None
+
+    def _wake(self, session: ConsoleSession, function: VirtioPciFunction, deliver: Deliver) -> None:
+        if session.closed:
+            return
+        session.rx_again.add(function.device_id)
+        task = session.rx_wakes.get(function.device_id)
+        if task is not None and not task.done():
+            return
+        session.rx_wakes[function.device_id] = asyncio.get_running_loop().create_task(
+            _run(session, function, deliver)
+        )
+
+
+async def _run(session: ConsoleSession, function: VirtioPciFunction, deliver: Deliver) -> None:
+    lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
+    try:
+        while function.device_id in session.rx_again and not session.closed:
+            session.rx_again.discard(function.device_id)
+            async with lock:
+                if session.closed:
+                    return
+                effects = await asyncio.to_thread(host_step, function)
+            if not session.closed:
+                await deliver(function, effects)
+            await asyncio.sleep(0)
+    except Exception:
+        log.exception("device %s: serving its tap failed", function.name)
+
+
+def host_step(function: VirtioPciFunction) -> list[Effect]:
+    """Frames waiting at the tap go into posted receive buffers, as if the
+    driver kicked receiveq (nothing moves unless the driver is running)."""
+    function.kick(RECEIVEQ)
+    return function.take_effects()
+
+
+def _nets_of(session: ConsoleSession) -> list[tuple[VirtioPciFunction, VirtioNet]]:
+    return [(f, f.device) for f in session.virtio_functions() if isinstance(f.device, VirtioNet)]
