@@ -9,16 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .devices.balloon import VirtioBalloon
 from .devices.blk import MAX_QUEUES as BLK_MAX_QUEUES
 from .devices.blk import VirtioBlk
 from .devices.console import ConsoleHostEnd, VirtioConsole
 from .devices.framebuffer import DEFAULT_VRAM_MIB, BochsDisplay, vram_size_from_mib
 from .devices.net import DEFAULT_MTU, VirtioNet, default_mac, parse_mac
+from .devices.p9 import Virtio9p
+from .devices.scsi import MAX_DISKS as SCSI_MAX_DISKS
+from .devices.scsi import VirtioScsi
 from .devices.testdev import PciTestDevice
 from .errors import ConfigError
 from .pci.bus import MAX_SLOTS, PciBus
 from .pci.function import PciFunction, Presentation
-from .ports import BlockBackend, PacketPort, SharedFramebuffer
+from .ports import BlockBackend, P9Export, PacketPort, SharedFramebuffer
 from .virtio.pci_transport import VirtioPciFunction
 
 # Keys every device takes; device-specific keys are listed per type.
@@ -35,6 +39,8 @@ class SpecBackends:
     framebuffer: SharedFramebuffer | None = None
     console_ports: tuple[tuple[str, ConsoleHostEnd], ...] = ()  # named ports, in order
     packet_port: PacketPort | None = None  # a virtio-net's tap
+    disks: tuple[BlockBackend, ...] = ()  # a virtio-scsi's disk images, in order
+    p9_export: P9Export | None = None  # a virtio-9p's directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +308,86 @@ def _build_net(
     return VirtioPciFunction(device, presentation=presentation, serial=serial)
 
 
+def _build_balloon(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backends: SpecBackends,
+) -> PciFunction:
+    return VirtioPciFunction(VirtioBalloon(), presentation=presentation, serial=serial)
+
+
+@dataclass(frozen=True, slots=True)
+class ScsiOptions:
+    """virtio-scsi's keys, checked (the shell opens every `disks` image)."""
+
+    disks: tuple[str, ...]  # image paths: disk N is target N, LUN 0
+    readonly: bool
+
+
+def scsi_options(options: Mapping[str, str]) -> ScsiOptions:
+    raw = options.get("disk", "")
+    disks = tuple(raw.split(REPEAT_SEP)) if raw else ()
+    if not disks or not all(disks):
+        raise ConfigError("virtio-scsi needs disk=IMAGE (a raw disk image), once per disk")
+    if len(disks) > SCSI_MAX_DISKS:
+        raise ConfigError(f"virtio-scsi takes at most {SCSI_MAX_DISKS} disks")
+    readonly = options.get("readonly", "off")
+    if readonly not in ("on", "off"):
+        raise ConfigError(f"virtio-scsi readonly={readonly!r}: use readonly=on or readonly=off")
+    return ScsiOptions(disks, readonly == "on")
+
+
+def _build_scsi(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backends: SpecBackends,
+) -> PciFunction:
+    checked = scsi_options(options)
+    if len(backends.disks) != len(checked.disks):
+        raise ConfigError("virtio-scsi: its disk images were not opened (no backends given)")
+    # Unit serial numbers (VPD 0x80) unique per device and disk: Linux's by-id names.
+    serials = [f"DM{serial & 0xFFFFFFFF:08X}T{n}" for n in range(len(checked.disks))]
+    device = VirtioScsi(backends.disks, serials=serials)
+    return VirtioPciFunction(device, presentation=presentation, serial=serial)
+
+
+@dataclass(frozen=True, slots=True)
+class P9Options:
+    """virtio-9p's keys, checked (the shell opens the directory `path`)."""
+
+    path: str
+    tag: str
+    readonly: bool
+
+
+def p9_options(options: Mapping[str, str]) -> P9Options:
+    path = options.get("path", "")
+    if not path:
+        raise ConfigError("virtio-9p needs path=DIR (the host directory to export)")
+    tag = options.get("tag", "")
+    if not tag:
+        raise ConfigError("virtio-9p needs tag=TAG (the guest mounts it: mount -t 9p TAG DIR)")
+    readonly = options.get("readonly", "off")
+    if readonly not in ("on", "off"):
+        raise ConfigError(f"virtio-9p readonly={readonly!r}: use readonly=on or readonly=off")
+    return P9Options(path, tag, readonly == "on")
+
+
+def _build_p9(
+    options: Mapping[str, str],
+    presentation: Presentation,
+    serial: int,
+    backends: SpecBackends,
+) -> PciFunction:
+    checked = p9_options(options)
+    if backends.p9_export is None:
+        raise ConfigError("virtio-9p: its directory was not opened (no export given)")
+    device = Virtio9p(backends.p9_export, tag=checked.tag)
+    return VirtioPciFunction(device, presentation=presentation, serial=serial)
+
+
 DEVICE_TYPES: dict[str, DeviceType] = {
     t.name: t
     for t in (
@@ -341,6 +427,28 @@ DEVICE_TYPES: dict[str, DeviceType] = {
             "[,mac=52:54:00:xx:xx:xx (default from the device number)][,mtu=1500]",
             frozenset({"tap", "mac", "mtu"}),
             _build_net,
+        ),
+        DeviceType(
+            "virtio-balloon",
+            "virtio memory balloon (stats queue, deflate on OOM); its target is set "
+            "with the Balloon RPC (python -m devserver.service.balloon ADDR ID --target MiB)",
+            frozenset(),
+            _build_balloon,
+        ),
+        DeviceType(
+            "virtio-scsi",
+            "virtio SCSI host with disks on raw image files (disk N is target N, LUN 0; "
+            "UNMAP on writable ones): disk=IMAGE[,disk=IMAGE2...][,readonly=on]",
+            frozenset({"disk", "readonly"}),
+            _build_scsi,
+            repeatable=frozenset({"disk"}),
+        ),
+        DeviceType(
+            "virtio-9p",
+            "virtio 9P (9P2000.L) export of a host directory: path=DIR,tag=TAG[,readonly=on] "
+            "(in the guest: mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt)",
+            frozenset({"path", "tag", "readonly"}),
+            _build_p9,
         ),
     )
 }
@@ -407,6 +515,8 @@ def build_bus(
     framebuffers: Mapping[int, SharedFramebuffer] | None = None,
     console_ports: Mapping[int, Sequence[tuple[str, ConsoleHostEnd]]] | None = None,
     packet_ports: Mapping[int, PacketPort] | None = None,
+    scsi_disks: Mapping[int, Sequence[BlockBackend]] | None = None,
+    p9_exports: Mapping[int, P9Export] | None = None,
 ) -> PciBus:
     """Build bus 0 with every device, presented as the frontend can take them.
     `block_backends` maps a spec's index to the disk the shell opened for it,
@@ -437,6 +547,8 @@ def build_bus(
             (framebuffers or {}).get(i),
             tuple((console_ports or {}).get(i, ())),
             (packet_ports or {}).get(i),
+            disks=tuple((scsi_disks or {}).get(i, ())),
+            p9_export=(p9_exports or {}).get(i),
         )
         function = dtype.build(spec.options, presentation, 0x5EED_0000 + i, backends)
         function.name = names[i]

@@ -5,9 +5,12 @@ fault injection. Implementations live in devserver/backends/.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .effects import SharedMemory
+
+if TYPE_CHECKING:  # a type only: the codec imports nothing of ports
+    from .devices.p9_protocol import TMessage
 
 
 class BlockBackend(Protocol):
@@ -101,3 +104,21 @@ class PacketPort(Protocol):
 
     def send(self, frame: bytes) -> bool:
         """Send one frame to the host; False: dropped (the host end is down or full)."""
+
+
+class P9Export(Protocol):
+    """The host directory a virtio-9p device exports (virtio 1.2 §5.11 9P
+    transport, 9P2000.L): the file-system half of the server (fids, paths,
+    opened files), in the shell; the device decodes and frames messages.
+
+    Called synchronously from the device's worker thread, one message at a
+    time. Never raises for a message: a failure is its Rlerror.
+    """
+
+    def serve(self, tag: int, message: TMessage, limit: int) -> bytes:
+        """The encoded reply to `message` (a p9_protocol T-message other than
+        Tversion and Tflush), at most `limit` bytes long (Rread and Rreaddir
+        carry less data to fit)."""
+
+    def reset(self) -> None:
+        """Forget every fid and close every opened file (Tversion, device reset)."""

@@ -56,6 +56,21 @@ class SharedRegion:
         at = self.delta + offset
         self.map[at : at + len(data)] = data
 
+    def discard(self, offset: int, length: int) -> bool:
+        """Free the pages of [offset, offset + length) in the file (MADV_REMOVE:
+        a hole in the memfd; they read zero and fault back in). False when the
+        range is not whole pages of this map, or the file cannot punch holes."""
+        at = self.delta + offset
+        if self.read_only or at % mmap.PAGESIZE or length % mmap.PAGESIZE or length <= 0:
+            return False
+        if at + length > len(self.map):
+            return False
+        try:
+            self.map.madvise(mmap.MADV_REMOVE, at, length)
+        except OSError:
+            return False  # e.g. a file system without hole punching
+        return True
+
     def close(self) -> None:
         self.map.close()
 
@@ -147,6 +162,21 @@ class SharedGuestMemory(RegionMemory[SharedRegion]):
             entry.value.close()
         for m in mapped:
             self.regions.insert(m.region.guest_address, m.region.size, m)
+
+    def discard(self, gpa: int, length: int) -> bool:
+        """Free guest RAM pages in the frontend's files (a balloon's inflated
+        pages); the range must be RAM (GuestMemoryError) and whole pages. False
+        when any piece could not be freed."""
+        self.check_ram(gpa, length)
+        at, end, freed = gpa, gpa + length, True
+        while at < end:  # one step per region: bounded by MAX_REGIONS
+            entry = self.regions.find(at)
+            if entry is None:  # check_ram said otherwise; the map changed under us
+                return False
+            take = min(entry.end, end) - at
+            freed = entry.value.discard(at - entry.base, take) and freed
+            at += take
+        return freed
 
     def close(self) -> None:
         for entry in self.regions:

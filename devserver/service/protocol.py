@@ -8,6 +8,7 @@ without breaking it:
          DMA served in every memory mode, DMA counters in Stats
     1.2  Screendump (what a display device shows), BarInfo.backing (a
          shared-memory BAR's file, known from the topology before it decodes)
+    1.3  Balloon (a virtio-balloon's target, what the guest holds, its stats)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Final
 
 PROTOCOL_MAJOR: Final = 1
-PROTOCOL_MINOR: Final = 2
+PROTOCOL_MINOR: Final = 3
 
 # Optional behaviours a frontend may ask for in Hello.features.
 FEATURES: Final = frozenset({"batching"})

@@ -24,12 +24,15 @@ from devmodel.v1 import devmodel_pb2_grpc
 
 from ..backends.file_block import FileBlockBackend, open_block_backends
 from ..backends.framebuffer_memfd import MemfdFramebuffer, open_framebuffers
+from ..backends.p9_fs import DirectoryExport, open_p9_exports
+from ..backends.scsi_disks import close_scsi_disks, open_scsi_disks
 from ..config import DeviceSpec, build_bus
 from ..devices.framebuffer import BochsDisplay
 from ..errors import AccessError, ConfigError
 from ..pci.function import Presentation
 from . import dma_messages
 from .attach import Context, serve_attach
+from .balloon_control import BalloonControl
 from .console_pump import ConsolePump
 from .convert import display_mode_to_pb, topology_to_pb
 from .dma_messages import DmaChannel
@@ -55,13 +58,20 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         self.server_name = server_name
         self.counters = ServerCounters()
         self.needs_reset_log = NeedsResetLog()
+        self._balloons = BalloonControl()  # balloon targets outlive sessions
         # Disk images open once, at start (a bad one is a ConfigError now, not at
         # attach); every session's devices share them. close() lets them go.
         self._block_backends: dict[int, FileBlockBackend] = open_block_backends(self._specs)
         self._consoles = ConsolePump([], self.counters)
         self._nets = NetPump([])
         self._framebuffers: dict[int, MemfdFramebuffer] = {}
+        self._scsi_disks: dict[int, list[FileBlockBackend]] = {}
+        self._p9_exports: dict[int, DirectoryExport] = {}
         try:
+            # virtio-9p exported directories: opened once, shared by sessions.
+            self._p9_exports = open_p9_exports(self._specs)
+            # virtio-scsi disk images, like virtio-blk's: opened once, shared.
+            self._scsi_disks = open_scsi_disks(self._specs)
             # A vesa-fb's VRAM memfd lives as long as the server (every session maps it).
             self._framebuffers = open_framebuffers(self._specs)
             # Console host ends open from the start too (served once start() runs).
@@ -76,6 +86,8 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 framebuffers=self._framebuffers,
                 console_ports=self._consoles.ports,
                 packet_ports=self._nets.ports,
+                scsi_disks=self._scsi_disks,
+                p9_exports=self._p9_exports,
             )
             self._consoles.count_drops(self._default_bus)
         except BaseException:
@@ -100,6 +112,11 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
         backends, self._block_backends = self._block_backends, {}
         for backend in backends.values():
             backend.close()
+        scsi_disks, self._scsi_disks = self._scsi_disks, {}
+        close_scsi_disks(scsi_disks)
+        exports, self._p9_exports = self._p9_exports, {}
+        for export in exports.values():
+            export.close()
         self._consoles.close()
         self._nets.close()
         framebuffers, self._framebuffers = self._framebuffers, {}
@@ -158,6 +175,15 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             rows=rows,
             rgb=rgb,
         )
+
+    async def Balloon(
+        self,
+        request: pb.BalloonRequest,
+        context: grpc.aio.ServicerContext[pb.BalloonRequest, pb.BalloonReply],
+    ) -> pb.BalloonReply:
+        """A virtio-balloon's target (optional) and what the guest holds
+        (balloon_control.py); a new target interrupts the attached guest."""
+        return await self._balloons.serve(self._session, self._default_bus, request, context)
 
     async def GetStats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext[pb.StatsRequest, pb.Stats]
@@ -229,6 +255,8 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
                 framebuffers=self._framebuffers,
                 console_ports=self._consoles.ports,
                 packet_ports=self._nets.ports,
+                scsi_disks=self._scsi_disks,
+                p9_exports=self._p9_exports,
             )
         except ConfigError as e:
             memory.close()
@@ -247,6 +275,7 @@ class DeviceModelServicer(devmodel_pb2_grpc.DeviceModelServicer):
             self.needs_reset_log,
         )
         self._next_session += 1
+        self._balloons.apply(bus)
         self._session = session
         session.attach_memory()
         if hello.memory.mode == pb.MEMORY_MODE_NONE:
