@@ -4,8 +4,8 @@
 # says FAILED and the script goes on, then exits non-zero.
 failed=0
 fail() { echo "   FAILED: $*"; failed=1; }
-wait_for() {  # a device node appears once its driver has probed
-    i=0; while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; test -e "$1"
+wait_for() {  # wait_for PATH [TENTHS]: a device node appears once its driver has probed
+    i=0; while [ ! -e "$1" ] && [ $i -lt "${2:-100}" ]; do sleep 0.1; i=$((i+1)); done; test -e "$1"
 }
 find_dev() {  # find_dev VENDOR DEVICE: the first PCI address with these IDs
     for d in /sys/bus/pci/devices/*; do
@@ -33,6 +33,78 @@ if wait_for /dev/vda; then
         || fail "what came back differs from what was written"
 else
     fail "no /dev/vda"
+fi
+
+echo "== SCSI: /dev/sda, a disk on the virtio-scsi, through Linux's virtio_scsi and sd drivers"
+scsi=$(find_dev 0x1af4 0x1048)
+if [ -z "$scsi" ]; then
+    echo "   no virtio-scsi on the bus (this server has none)"
+elif wait_for /dev/sda 300; then  # the SCSI scan runs asynchronously
+    d=/sys/block/sda/device
+    echo "   $(cat /sys/block/sda/size) sectors, $(echo $(cat $d/vendor) $(cat $d/model)) at $(basename $(readlink $d))"
+    dd if=/dev/urandom of=/tmp/pattern bs=4096 count=16 2>/dev/null
+    dd if=/tmp/pattern of=/dev/sda bs=4096 oflag=direct 2>/dev/null
+    dd if=/dev/sda of=/tmp/back bs=4096 count=16 iflag=direct 2>/dev/null
+    cmp -s /tmp/pattern /tmp/back && echo "   wrote and read back 64 KiB: identical" \
+        || fail "what came back from /dev/sda differs from what was written"
+else
+    fail "no /dev/sda"
+fi
+
+echo "== network: Linux's virtio_net driver, the host's tap at 10.0.78.1 in a network namespace"
+net=$(find_dev 0x1af4 0x1041)
+if [ -z "$net" ]; then
+    echo "   no virtio-net on the bus (the host skipped it, and said why)"
+else
+    # The interface under this PCI function (eth0: it is the only NIC).
+    ifc= i=0
+    while [ -z "$ifc" ] && [ $i -lt 100 ]; do
+        ifc=$(ls /sys/bus/pci/devices/$net/virtio*/net 2>/dev/null | head -n 1)
+        [ -n "$ifc" ] || sleep 0.1
+        i=$((i+1))
+    done
+    if [ -z "$ifc" ]; then
+        fail "no network interface under the virtio-net ($net)"
+    elif ! { ip link set "$ifc" up && ip addr add 10.0.78.2/24 dev "$ifc"; }; then
+        fail "could not set 10.0.78.2/24 on $ifc"
+    else
+        echo "   $ifc ($(cat /sys/class/net/$ifc/address)) is 10.0.78.2/24"
+        # -w bounds the whole run (the first ping waits for ARP); -c 3 ends it sooner.
+        if ping -c 3 -w 30 10.0.78.1 > /tmp/ping 2>&1; then
+            echo "   ping 10.0.78.1: $(grep 'packets transmitted' /tmp/ping)"
+        else
+            fail "ping 10.0.78.1: $(tail -n 2 /tmp/ping | tr '\n' ' ')"
+        fi
+    fi
+fi
+
+echo "== 9p: a host directory on the virtio-9p, through Linux's 9p file system"
+p9=$(find_dev 0x1af4 0x1049)
+if [ -z "$p9" ]; then
+    echo "   no virtio-9p on the bus (this server has none)"
+else
+    tag= i=0
+    while [ -z "$tag" ] && [ $i -lt 100 ]; do
+        tag=$(cat /sys/bus/pci/devices/$p9/virtio*/mount_tag 2>/dev/null)
+        [ -n "$tag" ] || sleep 0.1
+        i=$((i+1))
+    done
+    mkdir -p /mnt/share
+    if [ -z "$tag" ]; then
+        fail "no mount tag under the virtio-9p ($p9)"
+    elif mount -t 9p -o trans=virtio,version=9p2000.L "$tag" /mnt/share; then
+        echo "   mounted tag $tag on /mnt/share: $(ls /mnt/share | tr '\n' ' ')"
+        if [ -f /mnt/share/hello.txt ]; then
+            echo "   hello.txt says: $(cat /mnt/share/hello.txt)"
+        else
+            fail "no hello.txt in the export"
+        fi
+        echo "hello from the guest, through virtio-9p" > /mnt/share/from-guest.txt \
+            && echo "   wrote from-guest.txt" || fail "could not write /mnt/share/from-guest.txt"
+        umount /mnt/share || fail "umount /mnt/share"
+    else
+        fail "mount -t 9p $tag"
+    fi
 fi
 
 echo "== console: a line on hvc0 (its host end is a UNIX socket)"
@@ -85,6 +157,17 @@ if [ -n "$port" ] && wait_for "$port"; then
         echo "   $port sent a line and the host answered: $answer"
     else
         fail "no answer from the host on $port"
+    fi
+    if [ -n "$(find_dev 0x1af4 0x1045)" ]; then
+        echo "== balloon: the host sets a target (asked on $port), Linux's virtio_balloon inflates"
+        echo "balloon: set my target" >&4
+        # The host answers once the driver holds the target, or after 90 s.
+        if read -t 120 -r answer <&4; then
+            echo "   the host answered: $answer"
+            echo "   /proc/vmstat balloon_inflate: $(grep '^balloon_inflate ' /proc/vmstat | cut -d' ' -f2) pages"
+        else
+            fail "no answer from the host about the balloon"
+        fi
     fi
     exec 4>&-
 else

@@ -10,7 +10,9 @@ comes, and plays the host ends of its virtio-console meanwhile:
   sends. When the line says the guest drew on its framebuffer (`drawn=yes`),
   the answer waits for a screendump of the vesa-fb (saved as PNG, or PPM),
   so the picture is taken while the guest still shows it and the guest
-  hears about it on the same port.
+  hears about it on the same port. A line asking for the balloon (`balloon`)
+  sets a virtio-balloon's target (Balloon RPC) and is answered once the
+  guest's driver holds it (or the wait ran out), with what it holds.
 
 Then it prints what the host ends got and exits non-zero, with the reason,
 when the guest failed or a host end missed what it should have seen.
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import grpc
 
+from devserver.service.balloon import balloon
 from devserver.service.screendump import Picture, ScreendumpError, screendump
 
 from .client import ClientError, open_channel
@@ -45,6 +48,12 @@ HVC0_GREETING = "hello from the guest on hvc0"
 # in a row agree (a bound, not a wait: the guest already paused for it).
 SCREENDUMP_TRIES = 10
 SCREENDUMP_PAUSE_S = 0.3
+MIB = 1 << 20
+BALLOON_TARGET_BYTES = 32 * MIB
+# The driver inflates in steps of 256 pages; under TCG on a loaded machine
+# that takes seconds, so the answer waits, polling, up to this long.
+BALLOON_WAIT_S = 90.0
+BALLOON_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,17 @@ class SavedPicture:
     sha256: str  # of the RGB pixels, so PNG and PPM files of one picture agree
 
 
+@dataclass(frozen=True, slots=True)
+class BalloonSeen:
+    """A virtio-balloon's target and what the guest's driver held, in bytes."""
+
+    target: int
+    actual: int
+
+    def __str__(self) -> str:
+        return f"target {self.target / MIB:g} MiB, the guest holds {self.actual / MIB:g} MiB"
+
+
 @dataclass(slots=True)
 class HostEnds:
     """What the console's host ends saw while the guest ran."""
@@ -64,6 +84,7 @@ class HostEnds:
     agent_lines: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     picture: SavedPicture | None = None
+    balloon: BalloonSeen | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -106,6 +127,23 @@ async def capture(channel: grpc.aio.Channel, device_id: int, out: Path) -> Saved
     return SavedPicture(out, picture.width, picture.height, picture.mode.bpp, digest)
 
 
+async def inflate(
+    channel: grpc.aio.Channel,
+    device_id: int,
+    target: int = BALLOON_TARGET_BYTES,
+    wait_s: float = BALLOON_WAIT_S,
+    poll_s: float = BALLOON_POLL_S,
+) -> BalloonSeen:
+    """Set the balloon's target; poll until the guest holds it or `wait_s` ran out."""
+    reply = await balloon(channel, device_id, target)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while reply.actual_bytes != reply.target_bytes and loop.time() < deadline:
+        await asyncio.sleep(poll_s)
+        reply = await balloon(channel, device_id)
+    return BalloonSeen(reply.target_bytes, reply.actual_bytes)
+
+
 async def keep_hvc0(reader: asyncio.StreamReader, ends: HostEnds) -> None:
     while chunk := await reader.read(4096):
         ends.hvc0 += chunk
@@ -116,6 +154,7 @@ async def answer_agent(
     writer: asyncio.StreamWriter,
     ends: HostEnds,
     take_picture: Callable[[], Awaitable[SavedPicture]] | None,
+    set_balloon: Callable[[], Awaitable[BalloonSeen]] | None = None,
 ) -> None:
     """Answer every line the guest sends on the named port (one line each)."""
     while True:
@@ -129,7 +168,9 @@ async def answer_agent(
         text = line.decode(errors="replace").strip()
         ends.agent_lines.append(text)
         answer = "hello from the host"
-        if "drawn=yes" in text:
+        if text.startswith("balloon"):
+            answer = await balloon_answer(ends, set_balloon)
+        elif "drawn=yes" in text:
             if take_picture is None:
                 answer = "no screendump: the server has no vesa-fb"
             else:
@@ -145,6 +186,21 @@ async def answer_agent(
         writer.write(answer.encode() + b"\n")
         await writer.drain()
         ends.answers.append(answer)
+
+
+async def balloon_answer(
+    ends: HostEnds, set_balloon: Callable[[], Awaitable[BalloonSeen]] | None
+) -> str:
+    if set_balloon is None:
+        return "no balloon: the server has no virtio-balloon"
+    try:
+        ends.balloon = seen = await set_balloon()
+    except grpc.aio.AioRpcError as e:
+        ends.problems.append(f"the Balloon RPC failed: {e.code().name}: {e.details()}")
+        return "the Balloon RPC failed"
+    if seen.actual != seen.target:
+        ends.problems.append(f"the balloon never reached its target: {seen}")
+    return f"balloon {seen}"
 
 
 class LiveScript:
@@ -199,11 +255,16 @@ async def run(
         ids = f"{d.vendor_id:04x}:{d.product_id:04x}"
         print(f"  slot {d.device:2}  {d.name:<16} {ids}  {d.type}")
     fb = next((d.device_id for d in devices if d.type == "vesa-fb"), None)
+    bal = next((d.device_id for d in devices if d.type == "virtio-balloon"), None)
     async with open_channel(devserver) as channel:
 
         async def take_picture() -> SavedPicture:
             assert fb is not None
             return await capture(channel, fb, screendump_to)
+
+        async def set_balloon() -> BalloonSeen:
+            assert bal is not None
+            return await inflate(channel, bal)
 
         hvc0_io = await connect(hvc0, "hvc0")
         try:
@@ -214,7 +275,12 @@ async def run(
         tasks = [
             asyncio.create_task(keep_hvc0(hvc0_io[0], ends)),
             asyncio.create_task(
-                answer_agent(*agent_io, ends, take_picture if fb is not None else None)
+                answer_agent(
+                    *agent_io,
+                    ends,
+                    take_picture if fb is not None else None,
+                    set_balloon if bal is not None else None,
+                )
             ),
         ]
         print("booting the guest under QEMU (TCG); its script's output follows as it runs:")
@@ -245,7 +311,7 @@ async def run(
                     await writer.wait_closed()
     for error in result.init_errors:
         ends.problems.append(f"guest /init: {error}")
-    report(ends, fb is not None, hvc0, agent)
+    report(ends, fb is not None, bal is not None, hvc0, agent)
     print(
         f"guest exited with status {result.exit_status} "
         f"(script started {result.boot_seconds:.1f} s after QEMU, "
@@ -258,7 +324,7 @@ async def run(
     return 1 if ends.problems else 0
 
 
-def report(ends: HostEnds, has_fb: bool, hvc0: Path, agent: Path) -> None:
+def report(ends: HostEnds, has_fb: bool, has_balloon: bool, hvc0: Path, agent: Path) -> None:
     """What the host ends got; what they missed goes to ends.problems."""
     print()
     print("== the host ends of the virtio-console")
@@ -279,6 +345,14 @@ def report(ends: HostEnds, has_fb: bool, hvc0: Path, agent: Path) -> None:
             p = ends.picture
             print(f"{p.path}: {p.width}x{p.height}, guest mode {p.bpp} bpp")
             print(f"sha256 of its RGB pixels: {p.sha256}")
+    if has_balloon:
+        print(
+            "== the balloon (Balloon RPC: the target the host set, what the guest's driver holds)"
+        )
+        if ends.balloon is None:
+            ends.problems.append("the guest never asked for the balloon")
+        else:
+            print(ends.balloon)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """The main job's host side (vmm_client.demo) without a guest: the PNG writer,
 the live script output, the named port's answers, a screendump of a dark
-screen, and the guest modules a server's devices need.
+screen, the balloon's target set with no driver to inflate it, and the guest
+modules a server's devices need.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from devserver.config import parse_device_spec
@@ -116,6 +118,57 @@ async def test_a_failed_screendump_is_answered_and_reported() -> None:
     host_w.close()
 
 
+async def test_a_balloon_line_sets_the_target_and_answers_what_the_guest_holds() -> None:
+    (host_r, host_w), (guest_r, guest_w) = await streams()
+    ends = demo.HostEnds()
+    seen = iter([demo.BalloonSeen(32 << 20, 32 << 20), demo.BalloonSeen(32 << 20, 8 << 20)])
+
+    async def set_balloon() -> demo.BalloonSeen:
+        return next(seen)
+
+    task = asyncio.create_task(demo.answer_agent(host_r, host_w, ends, None, set_balloon))
+    guest_w.write(b"balloon: set my target\n")
+    answer = b"balloon target 32 MiB, the guest holds 32 MiB\n"
+    assert await guest_r.readline() == answer
+    assert not ends.problems
+    guest_w.write(b"balloon: again\n")  # a guest that never got there is a failure
+    assert await guest_r.readline() == b"balloon target 32 MiB, the guest holds 8 MiB\n"
+    guest_w.close()
+    await asyncio.wait_for(task, 10)
+    assert ends.balloon == demo.BalloonSeen(32 << 20, 8 << 20)
+    assert ends.problems == [
+        "the balloon never reached its target: target 32 MiB, the guest holds 8 MiB"
+    ]
+    host_w.close()
+
+
+async def test_no_balloon_or_a_failed_rpc_is_an_answer_too() -> None:
+    (host_r, host_w), (guest_r, guest_w) = await streams()
+    ends = demo.HostEnds()
+    task = asyncio.create_task(demo.answer_agent(host_r, host_w, ends, None, None))
+    guest_w.write(b"balloon\n")
+    assert await guest_r.readline() == b"no balloon: the server has no virtio-balloon\n"
+    guest_w.close()
+    await asyncio.wait_for(task, 10)
+    host_w.close()
+
+    (host_r, host_w), (guest_r, guest_w) = await streams()
+
+    async def refused() -> demo.BalloonSeen:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "no device 9"
+        )
+
+    task = asyncio.create_task(demo.answer_agent(host_r, host_w, ends, None, refused))
+    guest_w.write(b"balloon\n")
+    assert await guest_r.readline() == b"the Balloon RPC failed\n"
+    guest_w.close()
+    await asyncio.wait_for(task, 10)
+    assert ends.problems == ["the Balloon RPC failed: NOT_FOUND: no device 9"]
+    assert ends.balloon is None
+    host_w.close()
+
+
 async def test_no_vesa_fb_means_no_screendump_but_an_answer() -> None:
     (host_r, host_w), (guest_r, guest_w) = await streams()
     ends = demo.HostEnds()
@@ -145,6 +198,25 @@ async def test_a_dark_screen_is_a_clear_failure(fb_server: DevServer, tmp_path: 
         with pytest.raises(ScreendumpError, match="shows nothing"):
             await demo.capture(channel, devices[0].device_id, tmp_path / "s.png")
     assert not (tmp_path / "s.png").exists()
+
+
+async def test_inflate_sets_the_target_and_stops_waiting_for_an_absent_driver(
+    tmp_path: Path,
+) -> None:
+    srv = DevServer(
+        [parse_device_spec("virtio-balloon")], Listen(unix_path=tmp_path / "run" / "dev.sock")
+    )
+    await srv.start()
+    try:
+        (device,) = await served_devices(srv.address)
+        assert device.type == "virtio-balloon"
+        async with open_channel(srv.address) as channel:
+            seen = await demo.inflate(channel, device.device_id, wait_s=0.3, poll_s=0.1)
+    finally:
+        await srv.stop(0)
+    # No guest attached: the target is the server's, the driver holds nothing.
+    assert seen == demo.BalloonSeen(demo.BALLOON_TARGET_BYTES, 0)
+    assert str(seen) == "target 32 MiB, the guest holds 0 MiB"
 
 
 async def test_no_server_is_a_clear_client_error(tmp_path: Path) -> None:
