@@ -16,9 +16,10 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
+import pytest
 from pyroute2 import IPRoute
 
 NETNS_DIR: Final = "/run/netns"
@@ -158,3 +159,15 @@ class HostNet:
 
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.netns], check=False, capture_output=True)
+
+
+@pytest.fixture
+def host() -> Iterator[HostNet]:
+    reason = why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    net = HostNet()
+    try:
+        yield net
+    finally:
+        net.close()

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from devserver.config import parse_device_spec
 from devserver.service.server import DevServer, Listen
-from tests.netns_tap import GUEST_ADDRESS, HOST_ADDRESS, PREFIX, HostNet, tap_name, why_not
+from tests.netns_tap import GUEST_ADDRESS, HOST_ADDRESS, PREFIX, HostNet, host, tap_name
+
+__all__ = ["host"]  # the fixture, from tests/netns_tap.py
 from vmm_client.guest.image import DEFAULT_TOOLS, NETWORK_TOOLS
 from vmm_client.qemu.frontend import boot_served_guest
 
@@ -30,18 +31,6 @@ MAC = "52:54:00:aa:00:02"
 TCP_PORT = 7778
 GREETING = b"guest-hello"
 ANSWER = b"host-answer\n"
-
-
-@pytest.fixture
-def host() -> Iterator[HostNet]:
-    reason = why_not()
-    if reason is not None:
-        pytest.skip(reason)
-    net = HostNet()
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 def value(output: str, key: str) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +26,10 @@ from devserver.errors import ConfigError
 from devserver.service.server import DevServer, Listen
 from devserver.virtio.pci_transport import DEVICE_CFG_OFFSET
 from devserver.virtio.spec import DeviceStatus
-from tests.netns_tap import GUEST_ADDRESS, HOST_ADDRESS, HostNet, tap_name, why_not
+from tests.netns_tap import GUEST_ADDRESS, HOST_ADDRESS, HostNet, host, tap_name
 from tests.service.test_virtio_blk_service import SLOT, GrpcDriver, ram, session
 
-__all__ = ["ram"]  # the fixture, shared with the virtio-blk service tests
+__all__ = ["host", "ram"]  # the fixture, shared with the virtio-blk service tests
 
 pytestmark = pytest.mark.root
 
@@ -43,18 +43,6 @@ class NetRig:
     server: DevServer
     host: HostNet
     tap: str
-
-
-@pytest.fixture
-def host() -> Iterator[HostNet]:
-    reason = why_not()
-    if reason is not None:
-        pytest.skip(reason)
-    net = HostNet()
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 @pytest_asyncio.fixture

@@ -10,13 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from devserver.backends.net_tap import RX_FRAMES, TapPort, check_tap_name
 from devserver.errors import ConfigError
-from tests.netns_tap import GUEST_ADDRESS, HostNet, tap_name, why_not
+from tests.netns_tap import GUEST_ADDRESS, HostNet, host, tap_name, why_not
+
+__all__ = ["host"]  # the fixture, from tests/netns_tap.py
 
 
 @pytest.mark.parametrize("name", ["", "a" * 16, "a/b", "a:b", "a b", ".", ".."])
@@ -27,18 +28,6 @@ def test_bad_interface_names_are_refused(name: str) -> None:
 
 def test_good_interface_name() -> None:
     assert check_tap_name("tap-vm0") == "tap-vm0"
-
-
-@pytest.fixture
-def host() -> Iterator[HostNet]:
-    reason = why_not()
-    if reason is not None:
-        pytest.skip(reason)
-    net = HostNet()
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 @pytest.mark.root
