@@ -110,7 +110,9 @@ class ConsolePump:
     def wire(self, session: ConsoleSession, deliver: Deliver) -> None:
         """Wake `session`'s console devices when their host ends have news."""
         for function, device in _consoles_of(session):
-            wake = functools.partial(self._wake, session, function, deliver)
+            wake = functools.partial(
+                wake_receiveq, session, function, deliver, RECEIVEQ, "console host ends"
+            )
             for port in device.ports:
                 end = port.stream
                 if isinstance(end, HostEnd):
@@ -123,40 +125,56 @@ class ConsolePump:
                 if isinstance(end, HostEnd):
                     end.on_readable = end.on_resize = None
 
-    def _wake(self, session: ConsoleSession, function: VirtioPciFunction, deliver: Deliver) -> None:
-        if session.closed:
-            return
-        session.rx_again.add(function.device_id)
-        task = session.rx_wakes.get(function.device_id)
-        if task is not None and not task.done():
-            return
-        session.rx_wakes[function.device_id] = asyncio.get_running_loop().create_task(
-            self._run(session, function, deliver)
-        )
 
-    async def _run(
-        self, session: ConsoleSession, function: VirtioPciFunction, deliver: Deliver
-    ) -> None:
-        lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
-        try:
-            while function.device_id in session.rx_again and not session.closed:
-                session.rx_again.discard(function.device_id)
-                async with lock:
-                    if session.closed:
-                        return
-                    effects = await asyncio.to_thread(host_step, function)
-                if not session.closed:
-                    await deliver(function, effects)
-                await asyncio.sleep(0)
-        except Exception:
-            log.exception("device %s: serving its console host ends failed", function.name)
+def wake_receiveq(
+    session: ConsoleSession,
+    function: VirtioPciFunction,
+    deliver: Deliver,
+    queue: int,
+    what: str,
+) -> None:
+    """A host end has something for `function`: run its receive side soon.
+
+    Wakes coalesce: one task per device, which goes round again while wakes
+    arrived during its step (virtio-console's host ends, virtio-net's tap)."""
+    if session.closed:
+        return
+    session.rx_again.add(function.device_id)
+    task = session.rx_wakes.get(function.device_id)
+    if task is not None and not task.done():
+        return
+    session.rx_wakes[function.device_id] = asyncio.get_running_loop().create_task(
+        _drain(session, function, deliver, queue, what)
+    )
 
 
-def host_step(function: VirtioPciFunction) -> list[Effect]:
-    """The device takes what its host ends have (bytes, connection and size
-    changes) as if its driver kicked receiveq0 (nothing moves unless the driver
-    is running); returns the effects (interrupts)."""
-    function.kick(RECEIVEQ)
+async def _drain(
+    session: ConsoleSession,
+    function: VirtioPciFunction,
+    deliver: Deliver,
+    queue: int,
+    what: str,
+) -> None:
+    lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
+    try:
+        while function.device_id in session.rx_again and not session.closed:
+            session.rx_again.discard(function.device_id)
+            async with lock:
+                if session.closed:
+                    return
+                effects = await asyncio.to_thread(host_step, function, queue)
+            if not session.closed:
+                await deliver(function, effects)
+            await asyncio.sleep(0)
+    except Exception:
+        log.exception("device %s: serving its %s failed", function.name, what)
+
+
+def host_step(function: VirtioPciFunction, queue: int) -> list[Effect]:
+    """The device takes what its host end has as if its driver kicked the
+    receive queue (nothing moves unless the driver is running); returns the
+    effects (interrupts)."""
+    function.kick(queue)
     return function.take_effects()
 
 

@@ -11,7 +11,6 @@ kicked receiveq, and the servicer sends the interrupts it raised.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Sequence
@@ -19,11 +18,10 @@ from collections.abc import Sequence
 from ..backends.net_tap import TapPort
 from ..config import DeviceSpec, net_options
 from ..devices.net import RECEIVEQ, VirtioNet
-from ..effects import Effect
 from ..errors import ConfigError
 from ..ports import PacketPort
 from ..virtio.pci_transport import VirtioPciFunction
-from .console_pump import ConsoleSession, Deliver
+from .console_pump import ConsoleSession, Deliver, wake_receiveq
 
 log = logging.getLogger(__name__)
 
@@ -77,47 +75,15 @@ class NetPump:
         for function, device in _nets_of(session):
             port = device.port
             if isinstance(port, TapPort):
-                port.on_readable = functools.partial(self._wake, session, function, deliver)
+                port.on_readable = functools.partial(
+                    wake_receiveq, session, function, deliver, RECEIVEQ, "tap"
+                )
 
     def unwire(self, session: ConsoleSession) -> None:
         for _, device in _nets_of(session):
             port = device.port
             if isinstance(port, TapPort):
                 port.on_readable = None
-
-    def _wake(self, session: ConsoleSession, function: VirtioPciFunction, deliver: Deliver) -> None:
-        if session.closed:
-            return
-        session.rx_again.add(function.device_id)
-        task = session.rx_wakes.get(function.device_id)
-        if task is not None and not task.done():
-            return
-        session.rx_wakes[function.device_id] = asyncio.get_running_loop().create_task(
-            _run(session, function, deliver)
-        )
-
-
-async def _run(session: ConsoleSession, function: VirtioPciFunction, deliver: Deliver) -> None:
-    lock = session.device_locks.setdefault(function.device_id, asyncio.Lock())
-    try:
-        while function.device_id in session.rx_again and not session.closed:
-            session.rx_again.discard(function.device_id)
-            async with lock:
-                if session.closed:
-                    return
-                effects = await asyncio.to_thread(host_step, function)
-            if not session.closed:
-                await deliver(function, effects)
-            await asyncio.sleep(0)
-    except Exception:
-        log.exception("device %s: serving its tap failed", function.name)
-
-
-def host_step(function: VirtioPciFunction) -> list[Effect]:
-    """Frames waiting at the tap go into posted receive buffers, as if the
-    driver kicked receiveq (nothing moves unless the driver is running)."""
-    function.kick(RECEIVEQ)
-    return function.take_effects()
 
 
 def _nets_of(session: ConsoleSession) -> list[tuple[VirtioPciFunction, VirtioNet]]:
