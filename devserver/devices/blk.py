@@ -36,13 +36,12 @@ runs this device's work off the event loop, one call at a time per device
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from ..errors import BackendError, ConfigError, GuestMemoryError
 from ..ports import BlockBackend
-from ..virtio.chain import DescriptorChain, Reader, RingMemory, Segment, Writer
+from ..virtio.chain import DescriptorChain, Reader, RingMemory, Segment, Writer, skip_bytes
 from ..virtio.device import QUEUE_WEIGHT, VirtioDevice
 from ..virtio.spec import VirtioDeviceId, feature_bit
 
@@ -160,20 +159,10 @@ class Request:
             )
         reader = Reader(memory, chain.readable)
         type_, _reserved, sector = HEADER.unpack(reader.read(HEADER.size))
-        rest = tuple(_rest(chain.readable, HEADER.size))
+        rest = tuple(skip_bytes(chain.readable, HEADER.size))
         if status_at is None:
             return cls(type_, sector, rest, (), None, VIRTIO_BLK_S_IOERR, "no status byte")
         return cls(type_, sector, rest, tuple(writable), status_at)
-
-
-def _rest(segments: tuple[Segment, ...], skip: int) -> Iterator[Segment]:
-    """`segments` without their first `skip` bytes."""
-    for gpa, length in segments:
-        if skip >= length:
-            skip -= length
-            continue
-        yield gpa + skip, length - skip
-        skip = 0
 
 
 class VirtioBlk(VirtioDevice):

@@ -32,7 +32,7 @@ image.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 from ..errors import BackendError, ConfigError, GuestMemoryError
@@ -43,8 +43,8 @@ from ..virtio.chain import (
     DescriptorChain,
     Reader,
     RingMemory,
-    Segment,
     Writer,
+    skip_bytes,
 )
 from ..virtio.device import QUEUE_WEIGHT, VirtioDevice
 from ..virtio.queue import SplitQueue
@@ -100,16 +100,6 @@ def decode_lun(lun: bytes) -> tuple[int, int] | None:
     if len(lun) != 8 or lun[0] != 1 or any(lun[4:]):
         return None
     return lun[1], ((lun[2] << 8) | lun[3]) & 0x3FFF
-
-
-def _rest(segments: Sequence[Segment], skip: int) -> Iterator[Segment]:
-    """`segments` without their first `skip` bytes."""
-    for gpa, length in segments:
-        if skip >= length:
-            skip -= length
-            continue
-        yield gpa + skip, length - skip
-        skip = 0
 
 
 class VirtioScsi(VirtioDevice):
@@ -261,7 +251,7 @@ class VirtioScsi(VirtioDevice):
 
     def _data_in(self, memory: RingMemory, chain: DescriptorChain) -> Writer:
         """A writer over the data-in buffer: the writable bytes after the response."""
-        return Writer(memory, tuple(_rest(chain.writable, RESP_SIZE)))
+        return Writer(memory, tuple(skip_bytes(chain.writable, RESP_SIZE)))
 
     def _respond(
         self,
@@ -283,7 +273,7 @@ class VirtioScsi(VirtioDevice):
         done = 0
         try:
             if transfer.write:
-                reader = Reader(memory, tuple(_rest(chain.readable, CMD_REQ.size)))
+                reader = Reader(memory, tuple(skip_bytes(chain.readable, CMD_REQ.size)))
                 while done < transfer.length:
                     data = reader.read(min(CHUNK, transfer.length - done))
                     if not data:
@@ -309,7 +299,7 @@ class VirtioScsi(VirtioDevice):
     ) -> cmd.Reply:
         # unmap.length was checked against the data-out buffer and
         # MAX_UNMAP_PARAMS (a few hundred bytes) by decode.
-        params = Reader(memory, tuple(_rest(chain.readable, CMD_REQ.size))).read(unmap.length)
+        params = Reader(memory, tuple(skip_bytes(chain.readable, CMD_REQ.size))).read(unmap.length)
         ranges = cmd.decode_unmap(params, self.luns[target])
         if isinstance(ranges, cmd.Reply):
             return ranges

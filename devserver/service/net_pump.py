@@ -12,7 +12,6 @@ kicked receiveq, and the servicer sends the interrupts it raised.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 
 from ..backends.net_tap import TapPort
@@ -22,8 +21,6 @@ from ..errors import ConfigError
 from ..ports import PacketPort
 from ..virtio.pci_transport import VirtioPciFunction
 from .console_pump import ConsoleSession, Deliver, wake_receiveq
-
-log = logging.getLogger(__name__)
 
 
 def open_taps(specs: Sequence[DeviceSpec]) -> dict[int, TapPort]:

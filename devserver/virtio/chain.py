@@ -24,7 +24,7 @@ C1-C4):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -280,3 +280,14 @@ def reader(memory: GuestMemory, chain: DescriptorChain) -> Reader:
 
 def writer(memory: GuestMemory, chain: DescriptorChain) -> Writer:
     return Writer(memory, chain.writable)
+
+
+def skip_bytes(segments: Sequence[Segment], skip: int) -> Iterator[Segment]:
+    """`segments` without their first `skip` bytes (a request's payload after
+    its header, whatever descriptors the header straddles)."""
+    for gpa, length in segments:
+        if skip >= length:
+            skip -= length
+            continue
+        yield gpa + skip, length - skip
+        skip = 0
